@@ -1,0 +1,374 @@
+"""Batch-normalization statistics, owned by the train step.
+
+Why this module exists: in TF1 the moving averages of batch norm were update
+ops in the `UPDATE_OPS` collection, and a train op that did not depend on them
+left the statistics at their initial values (validation at chance). Keras 3
+moved the update inside `BatchNormalization.call`, which made it implicit in a
+different way: it happens only when the layer is reached with `training=True`
+and `trainable=True`, with the momentum read at trace time, and under
+`MirroredStrategy` every replica averages its own shard into its own copy.
+
+tfloop therefore takes the update out of the layer. A step built by
+`tfloop.make_train_step` *owns* every `keras.layers.BatchNormalization` of its
+model (however deeply nested): during that step's forward pass each owned layer
+normalizes with its batch moments as usual but, instead of assigning its moving
+statistics, reports the moments to the step. After the forward pass the step
+applies all updates in one place (`_apply_updates`): one fused cross-replica
+reduction for all layers, then one exponential-moving-average update per layer,
+zero-debiased by default. Outside a tfloop step (`model.fit`, a user's own
+`model(x, training=True)`) an owned layer behaves exactly like the stock layer.
+
+Ownership changes no variable and no class: the layer keeps its weights, its
+config and its checkpoint structure. The only extra state is one update counter
+per layer, which lives in `state(model)` (not in the model) so checkpoints of
+the model stay interchangeable with stock Keras ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import types
+import weakref
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+__all__ = [
+    "AVERAGING_MODES",
+    "BatchNormAuditError",
+    "layers",
+    "state",
+]
+
+# How the moving average treats its first updates; see `_effective_decay`.
+AVERAGING_MODES = ("debias", "ramp", "plain")
+
+
+class BatchNormAuditError(ValueError):
+    """Raised by a train step with `bn_audit='error'` when a BN layer would not learn."""
+
+
+def layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """Returns every `BatchNormalization` layer of `model`, nested ones included.
+
+    Order is the depth-first order of Keras' layer tracking, which is stable for
+    a given model, so it can index per-layer results.
+    """
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+@dataclasses.dataclass
+class _LayerState:
+    """What tfloop keeps per owned layer, beside the layer's own variables."""
+
+    count: tf.Variable  # Number of batches the moving statistics summarize.
+    frozen: bool = False
+
+
+# Per-thread stack of collectors: `MirroredStrategy` runs each replica's forward
+# pass in its own thread, so moments reported by a layer must land in the
+# collector of the replica that computed them.
+_local = threading.local()
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _BatchNormState(tf.Module):
+    """Trackable holder of the update counters, for `tf.train.Checkpoint`."""
+
+    def __init__(self, counts: Sequence[tf.Variable]):
+        super().__init__(name="tfloop_bn_state")
+        self.counts = list(counts)
+
+
+def state(model: keras.Model) -> tf.Module:
+    """Returns the trackable tfloop state of `model`'s BN layers (update counts).
+
+    Put it beside the model in a checkpoint, so that a resumed run continues
+    the zero-debiased averages where it stopped::
+
+        tf.train.Checkpoint(model=model, optimizer=opt, bn=tfloop.bn.state(model))
+
+    The model's own variables are untouched by tfloop, so a checkpoint without
+    it still loads into a stock model and the other way round.
+    """
+    return _BatchNormState([_own(layer).count for layer in layers(model)])
+
+
+def _own(layer: keras.layers.BatchNormalization) -> _LayerState:
+    """Takes over `layer`'s statistics updates (idempotent); returns its state."""
+    layer_state = _STATES.get(layer)
+    if layer_state is not None:
+        return layer_state
+    if layer.renorm:
+        raise ValueError(
+            f"BatchNormalization layer `{layer.name}` uses `renorm=True`, "
+            "which tfloop does not own; use renorm=False."
+        )
+    # ONLY_FIRST_REPLICA: every replica adds the same 1, keep one of them.
+    count = tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name=f"{layer.name}_updates",
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+    layer_state = _LayerState(count=count)
+    _STATES[layer] = layer_state
+    stock_call = type(layer).call.__get__(layer)
+    layer.call = types.MethodType(_make_owned_call(stock_call), layer)
+    return layer_state
+
+
+def _own_model(model: keras.Model) -> list[tuple[keras.layers.Layer, _LayerState]]:
+    return [(layer, _own(layer)) for layer in layers(model)]
+
+
+@dataclasses.dataclass
+class _Moments:
+    """Batch moments one call of one layer reported, per channel."""
+
+    count: tf.Tensor  # float32 scalar: elements reduced per channel.
+    mean: tf.Tensor
+    variance: tf.Tensor
+    synced: bool  # Already the global-batch moments of all replicas.
+
+
+class _Collector:
+    """Receives the moments owned layers report during one forward pass."""
+
+    def __init__(self, *, sync: bool):
+        self.sync = sync
+        self.moments: dict[int, list[_Moments]] = {}
+
+    def __enter__(self) -> _Collector:
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _local.stack.pop()
+
+
+def _active_collector() -> _Collector | None:
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+def _make_owned_call(stock_call: Callable) -> Callable:
+    """Builds the `call` that replaces a stock BN layer's `call`."""
+
+    def call(layer, inputs, training=None, mask=None):
+        layer_state = _STATES[layer]
+        if layer_state.frozen:
+            training = False
+        collector = _active_collector()
+        if collector is None or not (training and layer.trainable):
+            return stock_call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        moments = _batch_moments(layer, x, mask, sync=collector.sync)
+        collector.moments.setdefault(id(layer), []).append(moments)
+        outputs = tf.nn.batch_normalization(
+            x,
+            _broadcastable(layer, moments.mean, x),
+            _broadcastable(layer, moments.variance, x),
+            offset=None if layer.beta is None else _broadcastable(layer, layer.beta, x),
+            scale=None if layer.gamma is None else _broadcastable(layer, layer.gamma, x),
+            variance_epsilon=layer.epsilon,
+        )
+        return tf.cast(outputs, layer.compute_dtype)
+
+    return call
+
+
+def _broadcastable(layer, vector, x) -> tf.Tensor:
+    """Reshapes a per-channel vector so it broadcasts against `x` on `layer.axis`."""
+    shape = [1] * x.shape.rank
+    shape[layer.axis] = -1
+    return tf.reshape(tf.cast(vector, x.dtype), shape)
+
+
+def _batch_moments(layer, x, mask, *, sync: bool) -> _Moments:
+    axes = layer._reduction_axes
+    if mask is not None:
+        if sync:
+            raise ValueError(
+                f"`sync_bn=True` does not support masked inputs (layer `{layer.name}`)."
+            )
+        weights = tf.broadcast_to(
+            tf.cast(tf.expand_dims(mask, -1), x.dtype), tf.shape(x)
+        )
+        mean, variance = tf.nn.weighted_moments(x, axes, weights)
+        count = tf.reduce_sum(weights) / tf.cast(tf.shape(x)[layer.axis], x.dtype)
+        return _Moments(count, mean, variance, synced=False)
+    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+    # Keras' own synchronized moments: one all-reduce per layer in the forward
+    # pass, the price of normalizing with global-batch statistics.
+    mean, variance = keras.ops.moments(x, axes=axes, synchronized=sync)
+    return _Moments(count, mean, variance, synced=sync)
+
+
+def _pool(moments: Sequence[_Moments]) -> _Moments:
+    """Merges moments of several calls of one layer (shared layers) exactly."""
+    if len(moments) == 1:
+        return moments[0]
+    count = tf.add_n([m.count for m in moments])
+    mean = tf.add_n([m.count * m.mean for m in moments]) / count
+    variance = (
+        tf.add_n([m.count * (m.variance + tf.square(m.mean - mean)) for m in moments])
+        / count
+    )
+    return _Moments(count, mean, variance, synced=all(m.synced for m in moments))
+
+
+def _cross_replica_moments(
+    per_layer: Sequence[_Moments], shifts: Sequence[tf.Tensor]
+) -> list[_Moments]:
+    """Global-batch moments of every layer from one fused all-reduce.
+
+    Each replica contributes, per layer, its count n and the shifted sums
+    n * (mean - K) and n * (variance + (mean - K)^2), where the shift K is the
+    layer's moving mean (identical on every replica). The global moments are
+    then exact, within-replica plus between-replica variance, and the shift
+    keeps the subtraction `E[(x-K)^2] - E[x-K]^2` well conditioned.
+    """
+    replica_context = tf.distribute.get_replica_context()
+    if (
+        not per_layer
+        or replica_context is None
+        or replica_context.num_replicas_in_sync == 1
+    ):
+        return list(per_layer)
+    pieces, sizes = [], []
+    for moments, shift in zip(per_layer, shifts):
+        delta = moments.mean - shift
+        pieces += [
+            moments.count * delta,
+            moments.count * (moments.variance + tf.square(delta)),
+            tf.reshape(moments.count, [1]),
+        ]
+        sizes += [delta.shape[0], delta.shape[0], 1]
+    fused = replica_context.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.stop_gradient(tf.concat(pieces, axis=0))
+    )
+    sums = tf.split(fused, sizes)
+    result = []
+    for i, shift in enumerate(shifts):
+        first, second, count = sums[3 * i : 3 * i + 3]
+        count = count[0]
+        delta = first / count
+        variance = tf.maximum(second / count - tf.square(delta), 0.0)
+        result.append(_Moments(count, shift + delta, variance, synced=True))
+    return result
+
+
+def _effective_decay(decay: float, count: tf.Tensor, averaging: str) -> tf.Tensor:
+    """The weight the old moving value gets at update number `count + 1`.
+
+    - `debias` (default): the zero-debiased average of Sonnet's
+      `ExponentialMovingAverage` and `assign_moving_average(zero_debias=True)`,
+      kept in debiased form: the value after t updates is
+      sum_i (1-d) d^(t-i) x_i / (1 - d^t), so the initial value carries no
+      weight and after one update the statistics *are* that batch's. It equals
+      an EMA whose decay at update t+1 is d (1 - d^t) / (1 - d^(t+1)).
+    - `ramp`: TF's `ExponentialMovingAverage(num_updates=t)`,
+      min(d, (1 + t) / (10 + t)); the initial value keeps a small weight.
+    - `plain`: the stock Keras/slim average with constant decay d.
+    """
+    t = tf.cast(count, tf.float64)
+    d = tf.constant(decay, tf.float64)
+    if averaging == "debias":
+        value = d * (1.0 - d**t) / (1.0 - d ** (t + 1.0))
+    elif averaging == "ramp":
+        value = tf.minimum(d, (1.0 + t) / (10.0 + t))
+    else:
+        value = d
+    return tf.cast(value, tf.float32)
+
+
+def _apply_updates(
+    owned: Sequence[tuple[keras.layers.Layer, _LayerState]],
+    collector: _Collector,
+    *,
+    decay: float | None,
+    averaging: str,
+) -> None:
+    """Updates every layer that reported moments, once, from the global batch.
+
+    Runs in replica context, after the forward pass: this is tfloop's
+    counterpart of slim's `UPDATE_OPS` barrier.
+    """
+    reported = [
+        (layer, layer_state, _pool(collector.moments[id(layer)]))
+        for layer, layer_state in owned
+        if id(layer) in collector.moments
+    ]
+    local = [(i, m) for i, (_, _, m) in enumerate(reported) if not m.synced]
+    reduced = _cross_replica_moments(
+        [m for _, m in local],
+        [tf.stop_gradient(reported[i][0].moving_mean.value) for i, _ in local],
+    )
+    moments = [m for _, _, m in reported]
+    for (i, _), m in zip(local, reduced):
+        moments[i] = m
+    for (layer, layer_state, _), m in zip(reported, moments):
+        layer_decay = layer.momentum if decay is None else decay
+        keep = _effective_decay(layer_decay, layer_state.count, averaging)
+        for variable, batch_value in (
+            (layer.moving_mean, m.mean),
+            (layer.moving_variance, m.variance),
+        ):
+            new_value = keep * variable.value + (1.0 - keep) * tf.stop_gradient(
+                tf.cast(batch_value, tf.float32)
+            )
+            variable.assign(tf.cast(new_value, variable.dtype))
+        layer_state.count.assign_add(1)
+
+
+def _audit(
+    owned: Sequence[tuple[keras.layers.Layer, _LayerState]],
+    collector: _Collector,
+    *,
+    mode: str,
+) -> None:
+    """Reports, by name, layers whose statistics this step would never update."""
+    silent = []
+    for layer, layer_state in owned:
+        if layer_state.frozen or id(layer) in collector.moments:
+            continue
+        if not layer.trainable:
+            reason = "trainable=False"
+        else:
+            reason = (
+                "not reached with training=True in the forward pass (called "
+                "outside the model's call, or with training=False hard-coded)"
+            )
+        silent.append(f"`{layer.path}` ({reason})")
+    if not silent or mode == "off":
+        return
+    message = (
+        f"{len(silent)} BatchNormalization layer(s) will keep their moving "
+        "statistics unchanged in training: " + "; ".join(silent)
+    )
+    if mode == "error":
+        raise BatchNormAuditError(message)
+    logging.warning(message)
+
+
+def _initial_weight(decay: float, count: int, averaging: str) -> float:
+    """The weight the initializer still carries in the moving statistics."""
+    if averaging == "debias":
+        return 0.0 if count > 0 else 1.0
+    if averaging == "plain":
+        return float(decay**count)
+    t = np.arange(count, dtype=np.float64)
+    return float(np.prod(np.minimum(decay, (1.0 + t) / (10.0 + t))))

@@ -1,0 +1,273 @@
+"""Train and eval steps: explicit tape, explicit `training`, BN owned by the step.
+
+A step is built once from a model (and optimizer) and then called on dataset
+elements. Each step object exposes two levels, so it fits any trainer:
+
+- `step(element)`: one `tf.function` call that runs `step.replica_fn` on every
+  replica (`strategy.run`) and reduces the results. For your own loop.
+- `step.replica_fn(images, labels)`: the per-replica body, for code that is
+  already inside a `tf.function` and replica context (an Orbit trainer, a Keras
+  `train_step` override, a multi-step `tf.function` loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from tfloop import bn
+
+__all__ = ["EvalStep", "TrainStep", "evaluate", "make_eval_step", "make_train_step"]
+
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+GradientTransform = Callable[
+    [Sequence[tuple[tf.Tensor, tf.Variable]]], list[tuple[tf.Tensor, tf.Variable]]
+]
+
+_AUDIT_MODES = ("warn", "error", "off")
+
+
+def _correct_and_count(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Top-1 hits and example count; labels may be sparse ids or one-hot."""
+    if labels.shape.rank == logits.shape.rank:
+        labels = tf.argmax(labels, axis=-1)
+    predictions = tf.argmax(logits, axis=-1, output_type=tf.int64)
+    hits = tf.cast(tf.equal(predictions, tf.cast(labels, tf.int64)), tf.float32)
+    return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
+
+
+def _split(element) -> tuple[tf.Tensor, tf.Tensor]:
+    images, labels = element
+    return images, labels
+
+
+class TrainStep:
+    """One optimizer step per call. Build it with `make_train_step`."""
+
+    def __init__(
+        self,
+        *,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        loss_fn: LossFn,
+        strategy: tf.distribute.Strategy,
+        bn_decay: float | None,
+        bn_averaging: str,
+        sync_bn: bool,
+        bn_audit: str,
+        gradient_transform: GradientTransform | None,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.strategy = strategy
+        self._bn_decay = bn_decay
+        self._bn_averaging = bn_averaging
+        self._sync_bn = sync_bn
+        self._bn_audit = bn_audit
+        self._gradient_transform = gradient_transform
+        with strategy.scope():
+            self._owned = bn._own_model(model)
+        self._audited = False
+        self._traced_freeze = None
+        self._function = None
+
+    def replica_fn(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One step on this replica's shard; returns its share of the metrics.
+
+        `loss` is this replica's share of the global-batch mean (the shares
+        sum to it); `correct` and `count` are this replica's top-1 hits and
+        examples. Reduce with SUM across replicas.
+        """
+        model = self.model
+        collector = bn._Collector(sync=self._sync_bn)
+        with collector, tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = self.loss_fn(labels, logits)
+            data_loss = tf.nn.compute_average_loss(per_example)
+            loss = data_loss
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        if not self._audited:
+            bn._audit(self._owned, collector, mode=self._bn_audit)
+            self._audited = True
+        # Statistics first: they describe the weights that produced them.
+        bn._apply_updates(
+            self._owned,
+            collector,
+            decay=self._bn_decay,
+            averaging=self._bn_averaging,
+        )
+        variables = model.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        grads_and_vars = list(zip(gradients, variables))
+        if self._gradient_transform is not None:
+            grads_and_vars = self._transform(grads_and_vars)
+        self.optimizer.apply_gradients(grads_and_vars)
+        correct, count = _correct_and_count(labels, logits)
+        return {
+            "loss": loss,
+            "data_loss": data_loss,
+            "correct": correct,
+            "count": count,
+        }
+
+    def _transform(self, grads_and_vars):
+        """Applies the gradient transform to the *global* (all-reduced) gradients.
+
+        The Keras optimizer sums gradients across replicas itself, so the
+        transformed global gradient is handed back divided by the number of
+        replicas: its sum over replicas is the transformed gradient.
+        """
+        context = tf.distribute.get_replica_context()
+        replicas = 1 if context is None else context.num_replicas_in_sync
+        if replicas > 1:
+            present = [(g, v) for g, v in grads_and_vars if g is not None]
+            summed = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, [g for g, _ in present]
+            )
+            grads_and_vars = [(g, v) for g, (_, v) in zip(summed, present)]
+        grads_and_vars = self._gradient_transform(grads_and_vars)
+        if replicas > 1:
+            grads_and_vars = [(g / replicas, v) for g, v in grads_and_vars]
+        return grads_and_vars
+
+    def _step(self, element) -> dict[str, tf.Tensor]:
+        per_replica = self.strategy.run(self.replica_fn, args=_split(element))
+        sums = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return {
+            "loss": sums["loss"],
+            "data_loss": sums["data_loss"],
+            "top1": sums["correct"] / sums["count"],
+        }
+
+    def __call__(self, element) -> dict[str, tf.Tensor]:
+        """Runs one step on one element of the (distributed) dataset."""
+        freeze = tuple(s.frozen for _, s in self._owned)
+        if self._function is None or freeze != self._traced_freeze:
+            # A `tfloop.bn.freeze` after tracing changes what the graph must
+            # do: trace again rather than silently ignore it.
+            self._function = tf.function(self._step)
+            self._traced_freeze = freeze
+            self._audited = False
+        return self._function(element)
+
+    @property
+    def tracing_count(self) -> int:
+        """How many times the step was traced (one per input signature)."""
+        return 0 if self._function is None else self._function.experimental_get_tracing_count()
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def make_train_step(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    loss_fn: LossFn,
+    *,
+    strategy: tf.distribute.Strategy | None = None,
+    bn_decay: float | None = None,
+    bn_averaging: str = "debias",
+    sync_bn: bool = False,
+    bn_audit: str = "warn",
+    gradient_transform: GradientTransform | None = None,
+) -> TrainStep:
+    """Builds a train step that owns the batch-norm statistics of `model`.
+
+    Args:
+      model: any `keras.Model`, built under `strategy.scope()` if distributed.
+      optimizer: a Keras 3 optimizer (it sums gradients across replicas).
+      loss_fn: `loss_fn(labels, logits)` returning *per-example* losses; the
+        step averages them over the global batch and adds `model.losses`.
+      strategy: a `tf.distribute.Strategy`; None means the current one.
+      bn_decay: decay of every BN moving average; None keeps each layer's
+        `momentum`.
+      bn_averaging: `debias` (default; the statistics equal the first batch's
+        after one step and are unbiased after any number), `ramp` (TF's
+        `num_updates` schedule) or `plain` (stock Keras). See
+        `tfloop.bn._effective_decay`.
+      sync_bn: normalize with global-batch statistics in the forward pass
+        (one all-reduce per BN layer), for small per-replica batches. The
+        moving statistics are global-batch ones either way.
+      bn_audit: `warn`, `error` or `off`: what to do when, on the first step,
+        some BN layer reported no batch moments (so it would never learn).
+      gradient_transform: a function of the list of (gradient, variable)
+        pairs, applied to the all-reduced (global) gradients, e.g. clipping.
+
+    Returns:
+      A `TrainStep`; `step(element)` returns `loss`, `data_loss` and `top1`.
+    """
+    _check_choice("bn_averaging", bn_averaging, bn.AVERAGING_MODES)
+    _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
+    if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
+        raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
+    return TrainStep(
+        model=model,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        strategy=strategy or tf.distribute.get_strategy(),
+        bn_decay=bn_decay,
+        bn_averaging=bn_averaging,
+        sync_bn=sync_bn,
+        bn_audit=bn_audit,
+        gradient_transform=gradient_transform,
+    )
+
+
+class EvalStep:
+    """Sums of loss, top-1 hits and examples over one batch; changes nothing."""
+
+    def __init__(self, *, model: keras.Model, loss_fn: LossFn, strategy: tf.distribute.Strategy):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.strategy = strategy
+        self._function = tf.function(self._step)
+
+    def replica_fn(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Sums over this replica's shard (any size, empty included)."""
+        logits = self.model(images, training=False)
+        loss_sum = tf.reduce_sum(self.loss_fn(labels, logits))
+        correct, count = _correct_and_count(labels, logits)
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+    def _step(self, element) -> dict[str, tf.Tensor]:
+        per_replica = self.strategy.run(self.replica_fn, args=_split(element))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def __call__(self, element) -> dict[str, tf.Tensor]:
+        return self._function(element)
+
+
+def make_eval_step(
+    model: keras.Model,
+    loss_fn: LossFn,
+    *,
+    strategy: tf.distribute.Strategy | None = None,
+) -> EvalStep:
+    """Builds an eval step: `training=False`, returns sums that reduce exactly.
+
+    `step(element)` returns `loss_sum`, `correct` and `count`; add them over a
+    validation set (final partial batch included) or use `tfloop.evaluate`.
+    """
+    return EvalStep(
+        model=model, loss_fn=loss_fn, strategy=strategy or tf.distribute.get_strategy()
+    )
+
+
+def evaluate(eval_step: EvalStep, dataset) -> dict[str, float]:
+    """Runs `eval_step` over a (distributed) dataset; returns `loss` and `top1`."""
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for element in dataset:
+        for key, value in eval_step(element).items():
+            totals[key] += float(value)
+    if totals["count"] == 0:
+        raise ValueError("`dataset` yielded no examples to evaluate.")
+    return {
+        "loss": totals["loss_sum"] / totals["count"],
+        "top1": totals["correct"] / totals["count"],
+    }
