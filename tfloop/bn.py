@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 __all__ = [
     "AVERAGING_MODES",
@@ -147,13 +146,15 @@ class _Collector:
     def __init__(self, *, sync: bool):
         self.sync = sync
         self.moments: dict[int, list[_Moments]] = {}
+        # Keras builds lazily-built models with a symbolic call in a scratch
+        # graph; moments from any graph but the step's own are not reported.
+        self.graph = tf.compat.v1.get_default_graph()
 
-    def __enter__(self) -> _Collector:
+    def __enter__(self) -> None:
         stack = getattr(_local, "stack", None)
         if stack is None:
             stack = _local.stack = []
         stack.append(self)
-        return self
 
     def __exit__(self, *exc) -> None:
         _local.stack.pop()
@@ -161,7 +162,9 @@ class _Collector:
 
 def _active_collector() -> _Collector | None:
     stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else None
+    if not stack or stack[-1].graph is not tf.compat.v1.get_default_graph():
+        return None
+    return stack[-1]
 
 
 def _make_owned_call(stock_call: Callable) -> Callable:
@@ -182,7 +185,9 @@ def _make_owned_call(stock_call: Callable) -> Callable:
             _broadcastable(layer, moments.mean, x),
             _broadcastable(layer, moments.variance, x),
             offset=None if layer.beta is None else _broadcastable(layer, layer.beta, x),
-            scale=None if layer.gamma is None else _broadcastable(layer, layer.gamma, x),
+            scale=None
+            if layer.gamma is None
+            else _broadcastable(layer, layer.gamma, x),
             variance_epsilon=layer.epsilon,
         )
         return tf.cast(outputs, layer.compute_dtype)
@@ -334,13 +339,10 @@ def _apply_updates(
         layer_state.count.assign_add(1)
 
 
-def _audit(
-    owned: Sequence[tuple[keras.layers.Layer, _LayerState]],
-    collector: _Collector,
-    *,
-    mode: str,
-) -> None:
-    """Reports, by name, layers whose statistics this step would never update."""
+def _silent_layers(
+    owned: Sequence[tuple[keras.layers.Layer, _LayerState]], collector: _Collector
+) -> list[str]:
+    """Names the layers whose statistics this forward pass would not update."""
     silent = []
     for layer, layer_state in owned:
         if layer_state.frozen or id(layer) in collector.moments:
@@ -349,19 +351,18 @@ def _audit(
             reason = "trainable=False"
         else:
             reason = (
-                "not reached with training=True in the forward pass (called "
-                "outside the model's call, or with training=False hard-coded)"
+                "not reached with training=True in the forward pass: called "
+                "outside the model's call, or with training=False hard-coded"
             )
         silent.append(f"`{layer.path}` ({reason})")
-    if not silent or mode == "off":
-        return
-    message = (
+    return silent
+
+
+def _audit_message(silent: Sequence[str]) -> str:
+    return (
         f"{len(silent)} BatchNormalization layer(s) will keep their moving "
         "statistics unchanged in training: " + "; ".join(silent)
     )
-    if mode == "error":
-        raise BatchNormAuditError(message)
-    logging.warning(message)
 
 
 def _initial_weight(decay: float, count: int, averaging: str) -> float:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tfloop import bn
 
@@ -29,7 +30,9 @@ GradientTransform = Callable[
 _AUDIT_MODES = ("warn", "error", "off")
 
 
-def _correct_and_count(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _correct_and_count(
+    labels: tf.Tensor, logits: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Top-1 hits and example count; labels may be sparse ids or one-hot."""
     if labels.shape.rank == logits.shape.rank:
         labels = tf.argmax(labels, axis=-1)
@@ -70,9 +73,10 @@ class TrainStep:
         self._gradient_transform = gradient_transform
         with strategy.scope():
             self._owned = bn._own_model(model)
-        self._audited = False
         self._traced_freeze = None
         self._function = None
+        self._silent: list[str] = []
+        self._defer_audit_errors = False
 
     def replica_fn(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
         """One step on this replica's shard; returns its share of the metrics.
@@ -90,9 +94,7 @@ class TrainStep:
             loss = data_loss
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        if not self._audited:
-            bn._audit(self._owned, collector, mode=self._bn_audit)
-            self._audited = True
+        self._audit(bn._silent_layers(self._owned, collector))
         # Statistics first: they describe the weights that produced them.
         bn._apply_updates(
             self._owned,
@@ -113,6 +115,16 @@ class TrainStep:
             "correct": correct,
             "count": count,
         }
+
+    def _audit(self, silent: list[str]) -> None:
+        """Runs at trace time: reports BN layers that reported no moments."""
+        self._silent = silent
+        if not silent or self._bn_audit == "off":
+            return
+        if self._bn_audit == "warn":
+            logging.warning(bn._audit_message(silent))
+        elif not self._defer_audit_errors:
+            raise bn.BatchNormAuditError(bn._audit_message(silent))
 
     def _transform(self, grads_and_vars):
         """Applies the gradient transform to the *global* (all-reduced) gradients.
@@ -151,13 +163,25 @@ class TrainStep:
             # do: trace again rather than silently ignore it.
             self._function = tf.function(self._step)
             self._traced_freeze = freeze
-            self._audited = False
+            # Trace before running, so that `bn_audit="error"` stops the
+            # first step before it changes anything, with a plain exception.
+            self._defer_audit_errors = True
+            try:
+                self._function.get_concrete_function(element)
+            finally:
+                self._defer_audit_errors = False
+            if self._silent and self._bn_audit == "error":
+                raise bn.BatchNormAuditError(bn._audit_message(self._silent))
         return self._function(element)
 
     @property
     def tracing_count(self) -> int:
         """How many times the step was traced (one per input signature)."""
-        return 0 if self._function is None else self._function.experimental_get_tracing_count()
+        return (
+            0
+            if self._function is None
+            else self._function.experimental_get_tracing_count()
+        )
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -222,7 +246,9 @@ def make_train_step(
 class EvalStep:
     """Sums of loss, top-1 hits and examples over one batch; changes nothing."""
 
-    def __init__(self, *, model: keras.Model, loss_fn: LossFn, strategy: tf.distribute.Strategy):
+    def __init__(
+        self, *, model: keras.Model, loss_fn: LossFn, strategy: tf.distribute.Strategy
+    ):
         self.model = model
         self.loss_fn = loss_fn
         self.strategy = strategy

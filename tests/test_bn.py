@@ -1,0 +1,251 @@
+"""BN statistics owned by the train step, checked against numpy."""
+
+import logging as std_logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfloop
+from tfloop import bn
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+EPS = 1e-3
+
+
+def _mlp(momentum=0.99):
+    """Dense -> BN -> ReLU -> Dense -> BN -> Dense: small enough for numpy."""
+    keras.utils.set_random_seed(1)
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6, name="d1"),
+            keras.layers.BatchNormalization(momentum=momentum, epsilon=EPS),
+            keras.layers.ReLU(),
+            keras.layers.Dense(3, name="d2"),
+            keras.layers.BatchNormalization(momentum=momentum, epsilon=EPS),
+            keras.layers.Dense(4, name="out"),
+        ]
+    )
+
+
+def _numpy_bn_inputs(model, x):
+    """Inputs of both BN layers in training mode, computed with numpy alone."""
+    w1, b1 = (v.numpy() for v in model.get_layer("d1").weights)
+    w2, b2 = (v.numpy() for v in model.get_layer("d2").weights)
+    bn1 = bn.layers(model)[0]
+    h1 = x @ w1 + b1
+    normalized = (h1 - h1.mean(0)) / np.sqrt(h1.var(0) + EPS)
+    a1 = np.maximum(normalized * bn1.gamma.numpy() + bn1.beta.numpy(), 0.0)
+    return [h1, a1 @ w2 + b2]
+
+
+def _ema(values, decay, averaging):
+    """Reference moving averages of a list of per-step batch statistics."""
+    if averaging == "debias":
+        t = len(values)
+        weights = [(1 - decay) * decay ** (t - 1 - i) for i in range(t)]
+        return sum(w * v for w, v in zip(weights, values)) / (1 - decay**t)
+    average = None
+    for t, value in enumerate(values):
+        d = decay if averaging == "plain" else min(decay, (1 + t) / (10 + t))
+        initial = np.zeros_like(value) if average is None else average
+        average = d * initial + (1 - d) * value
+    return average
+
+
+@pytest.mark.parametrize("averaging", ["debias", "ramp", "plain"])
+def test_moving_statistics_equal_numpy_ema(averaging):
+    model = _mlp()
+    step = tfloop.make_train_step(
+        model,
+        keras.optimizers.SGD(0.1),
+        LOSS,
+        bn_decay=0.7,
+        bn_averaging=averaging,
+    )
+    rng = np.random.default_rng(0)
+    means = [[], []]
+    variances = [[], []]
+    for _ in range(4):
+        x = (rng.normal(size=(16, 5)) * 2 + 1).astype("float32")
+        y = rng.integers(0, 4, 16)
+        for i, h in enumerate(_numpy_bn_inputs(model, x)):
+            means[i].append(h.mean(0))
+            variances[i].append(h.var(0))
+        step((x, y))
+    for i, layer in enumerate(bn.layers(model)):
+        expected_mean = _ema(means[i], 0.7, averaging)
+        # The variance starts at 1, not 0, for the non-debiased modes.
+        expected_var = _ema(variances[i], 0.7, averaging)
+        if averaging != "debias":
+            d = [
+                0.7 if averaging == "plain" else min(0.7, (1 + t) / (10 + t))
+                for t in range(4)
+            ]
+            expected_var = expected_var + np.prod(d)
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), expected_mean, rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), expected_var, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_debiased_statistics_equal_first_batch_after_one_step():
+    model = _mlp(momentum=0.9997)
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.0), LOSS)
+    x = np.random.default_rng(3).normal(size=(32, 5)).astype("float32") * 3 + 2
+    h1 = _numpy_bn_inputs(model, x)[0]
+    step((x, np.zeros(32, "int64")))
+    layer = bn.layers(model)[0]
+    np.testing.assert_allclose(layer.moving_mean.numpy(), h1.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), h1.var(0), rtol=1e-4)
+
+
+class Block(keras.layers.Layer):
+    """A custom layer holding a BN layer and omitting `training` in its call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(4)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, x):
+        return self.norm(self.dense(x))
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.norm = keras.layers.BatchNormalization()
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x, training=None):
+        return self.head(self.norm(self.block(x), training=training))
+
+
+def test_layers_finds_nested_and_custom_layers():
+    inner = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()])
+    inputs = keras.Input((4,))
+    outputs = keras.layers.BatchNormalization()(inner(inputs))
+    nested = keras.Model(inputs, outputs)
+    assert len(bn.layers(nested)) == 2
+    model = Subclassed()
+    model(np.zeros((2, 4), "float32"))
+    assert {layer.path for layer in bn.layers(model)} == {
+        model.norm.path,
+        model.block.norm.path,
+    }
+
+
+class HardCodedInference(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.good = keras.layers.BatchNormalization(name="good")
+        self.stuck = keras.layers.BatchNormalization(name="stuck")
+        self.frozen = keras.layers.BatchNormalization(name="untrainable")
+        self.frozen.trainable = False
+        self.unused = keras.layers.BatchNormalization(name="unused")
+        self.head = keras.layers.Dense(2)
+
+    def call(self, x, training=None):
+        x = self.good(x, training=training)
+        x = self.stuck(x, training=False)
+        return self.head(self.frozen(x, training=training))
+
+
+def _data(n=8, width=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, width)).astype("float32"), rng.integers(0, 2, n)
+
+
+def test_audit_names_layers_that_would_not_learn(caplog):
+    model = HardCodedInference()
+    model.unused.build((None, 4))
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.1), LOSS)
+    with caplog.at_level(std_logging.WARNING):
+        step(_data())
+    text = caplog.text
+    assert "3 BatchNormalization layer(s)" in text
+    for name in ("stuck", "untrainable", "unused"):
+        assert f"{name}`" in text
+    assert "trainable=False" in text
+    assert "good`" not in text
+    strict = tfloop.make_train_step(
+        HardCodedInference(), keras.optimizers.SGD(0.1), LOSS, bn_audit="error"
+    )
+    with pytest.raises(bn.BatchNormAuditError, match="stuck"):
+        strict(_data())
+
+
+def test_audit_accepts_layers_that_inherit_training(caplog):
+    model = Subclassed()
+    step = tfloop.make_train_step(
+        model, keras.optimizers.SGD(0.1), LOSS, bn_audit="error"
+    )
+    step(_data(width=4))
+    assert [int(c.numpy()) for c in bn.state(model).counts] == [1, 1]
+
+
+def test_shared_layer_is_updated_once_from_all_its_calls():
+    keras.utils.set_random_seed(0)
+    shared = keras.layers.BatchNormalization(momentum=0.5)
+    a, b = keras.Input((3,)), keras.Input((3,))
+    merged = keras.layers.Concatenate()([shared(a), shared(b)])
+    model = keras.Model([a, b], keras.layers.Dense(2)(merged))
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.0), LOSS)
+    rng = np.random.default_rng(0)
+    xa = rng.normal(size=(8, 3)).astype("float32")
+    xb = (rng.normal(size=(8, 3)) * 3 + 5).astype("float32")
+    step(((xa, xb), np.zeros(8, "int64")))
+    both = np.concatenate([xa, xb])
+    np.testing.assert_allclose(shared.moving_mean.numpy(), both.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(shared.moving_variance.numpy(), both.var(0), rtol=1e-4)
+    assert int(bn.state(model).counts[0].numpy()) == 1
+
+
+def test_owned_layer_outside_a_step_behaves_like_stock_keras():
+    x = np.random.default_rng(0).normal(size=(8, 5)).astype("float32")
+    owned, stock = _mlp(momentum=0.6), _mlp(momentum=0.6)
+    tfloop.make_train_step(owned, keras.optimizers.SGD(0.1), LOSS)
+    np.testing.assert_array_equal(owned(x, training=True), stock(x, training=True))
+    for a, b in zip(owned.weights, stock.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_checkpoints_interchange_with_stock_models(tmp_path):
+    owned = _mlp()
+    step = tfloop.make_train_step(owned, keras.optimizers.SGD(0.1), LOSS)
+    step(_data(16, 5))
+    path = tf.train.Checkpoint(model=owned).write(str(tmp_path / "owned"))
+    stock = _mlp()
+    stock.get_layer("d1").kernel.assign(tf.zeros_like(stock.get_layer("d1").kernel))
+    tf.train.Checkpoint(model=stock).read(path).assert_consumed()
+    for a, b in zip(owned.weights, stock.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # And back: a stock checkpoint into an owned model, counts untouched.
+    stock_path = tf.train.Checkpoint(model=stock).write(str(tmp_path / "stock"))
+    fresh = _mlp()
+    tfloop.make_train_step(fresh, keras.optimizers.SGD(0.1), LOSS)
+    tf.train.Checkpoint(model=fresh).read(stock_path).assert_consumed()
+    for a, b in zip(fresh.weights, stock.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    model = _mlp()
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.1), LOSS)
+    for _ in range(3):
+        step(_data(16, 5))
+    path = tf.train.Checkpoint(model=model, bn=bn.state(model)).write(
+        str(tmp_path / "c")
+    )
+    restored = _mlp()
+    tfloop.make_train_step(restored, keras.optimizers.SGD(0.1), LOSS)
+    tf.train.Checkpoint(model=restored, bn=bn.state(restored)).read(
+        path
+    ).assert_consumed()
+    assert [int(c.numpy()) for c in bn.state(restored).counts] == [3, 3]
