@@ -10,35 +10,7 @@ import tensorflow as tf
 import tfloop
 from tfloop import bn
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-EPS = 1e-3
-
-
-def _mlp(momentum=0.99):
-    """Dense -> BN -> ReLU -> Dense -> BN -> Dense: small enough for numpy."""
-    keras.utils.set_random_seed(1)
-    return keras.Sequential(
-        [
-            keras.Input((5,)),
-            keras.layers.Dense(6, name="d1"),
-            keras.layers.BatchNormalization(momentum=momentum, epsilon=EPS),
-            keras.layers.ReLU(),
-            keras.layers.Dense(3, name="d2"),
-            keras.layers.BatchNormalization(momentum=momentum, epsilon=EPS),
-            keras.layers.Dense(4, name="out"),
-        ]
-    )
-
-
-def _numpy_bn_inputs(model, x):
-    """Inputs of both BN layers in training mode, computed with numpy alone."""
-    w1, b1 = (v.numpy() for v in model.get_layer("d1").weights)
-    w2, b2 = (v.numpy() for v in model.get_layer("d2").weights)
-    bn1 = bn.layers(model)[0]
-    h1 = x @ w1 + b1
-    normalized = (h1 - h1.mean(0)) / np.sqrt(h1.var(0) + EPS)
-    a1 = np.maximum(normalized * bn1.gamma.numpy() + bn1.beta.numpy(), 0.0)
-    return [h1, a1 @ w2 + b2]
+from numpy_reference import LOSS, mlp, numpy_bn_inputs
 
 
 def _ema(values, decay, averaging):
@@ -57,7 +29,7 @@ def _ema(values, decay, averaging):
 
 @pytest.mark.parametrize("averaging", ["debias", "ramp", "plain"])
 def test_moving_statistics_equal_numpy_ema(averaging):
-    model = _mlp()
+    model = mlp()
     step = tfloop.make_train_step(
         model,
         keras.optimizers.SGD(0.1),
@@ -71,7 +43,7 @@ def test_moving_statistics_equal_numpy_ema(averaging):
     for _ in range(4):
         x = (rng.normal(size=(16, 5)) * 2 + 1).astype("float32")
         y = rng.integers(0, 4, 16)
-        for i, h in enumerate(_numpy_bn_inputs(model, x)):
+        for i, h in enumerate(numpy_bn_inputs(model, x)):
             means[i].append(h.mean(0))
             variances[i].append(h.var(0))
         step((x, y))
@@ -94,10 +66,10 @@ def test_moving_statistics_equal_numpy_ema(averaging):
 
 
 def test_debiased_statistics_equal_first_batch_after_one_step():
-    model = _mlp(momentum=0.9997)
+    model = mlp(momentum=0.9997)
     step = tfloop.make_train_step(model, keras.optimizers.SGD(0.0), LOSS)
     x = np.random.default_rng(3).normal(size=(32, 5)).astype("float32") * 3 + 2
-    h1 = _numpy_bn_inputs(model, x)[0]
+    h1 = numpy_bn_inputs(model, x)[0]
     step((x, np.zeros(32, "int64")))
     layer = bn.layers(model)[0]
     np.testing.assert_allclose(layer.moving_mean.numpy(), h1.mean(0), rtol=1e-5)
@@ -209,7 +181,7 @@ def test_shared_layer_is_updated_once_from_all_its_calls():
 
 def test_owned_layer_outside_a_step_behaves_like_stock_keras():
     x = np.random.default_rng(0).normal(size=(8, 5)).astype("float32")
-    owned, stock = _mlp(momentum=0.6), _mlp(momentum=0.6)
+    owned, stock = mlp(momentum=0.6), mlp(momentum=0.6)
     tfloop.make_train_step(owned, keras.optimizers.SGD(0.1), LOSS)
     np.testing.assert_array_equal(owned(x, training=True), stock(x, training=True))
     for a, b in zip(owned.weights, stock.weights):
@@ -217,18 +189,18 @@ def test_owned_layer_outside_a_step_behaves_like_stock_keras():
 
 
 def test_checkpoints_interchange_with_stock_models(tmp_path):
-    owned = _mlp()
+    owned = mlp()
     step = tfloop.make_train_step(owned, keras.optimizers.SGD(0.1), LOSS)
     step(_data(16, 5))
     path = tf.train.Checkpoint(model=owned).write(str(tmp_path / "owned"))
-    stock = _mlp()
+    stock = mlp()
     stock.get_layer("d1").kernel.assign(tf.zeros_like(stock.get_layer("d1").kernel))
     tf.train.Checkpoint(model=stock).read(path).assert_consumed()
     for a, b in zip(owned.weights, stock.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     # And back: a stock checkpoint into an owned model, counts untouched.
     stock_path = tf.train.Checkpoint(model=stock).write(str(tmp_path / "stock"))
-    fresh = _mlp()
+    fresh = mlp()
     tfloop.make_train_step(fresh, keras.optimizers.SGD(0.1), LOSS)
     tf.train.Checkpoint(model=fresh).read(stock_path).assert_consumed()
     for a, b in zip(fresh.weights, stock.weights):
@@ -236,14 +208,14 @@ def test_checkpoints_interchange_with_stock_models(tmp_path):
 
 
 def test_state_round_trips_through_a_checkpoint(tmp_path):
-    model = _mlp()
+    model = mlp()
     step = tfloop.make_train_step(model, keras.optimizers.SGD(0.1), LOSS)
     for _ in range(3):
         step(_data(16, 5))
     path = tf.train.Checkpoint(model=model, bn=bn.state(model)).write(
         str(tmp_path / "c")
     )
-    restored = _mlp()
+    restored = mlp()
     tfloop.make_train_step(restored, keras.optimizers.SGD(0.1), LOSS)
     tf.train.Checkpoint(model=restored, bn=bn.state(restored)).read(
         path

@@ -39,8 +39,13 @@ import tensorflow as tf
 __all__ = [
     "AVERAGING_MODES",
     "BatchNormAuditError",
+    "Staleness",
+    "freeze",
     "layers",
+    "recalibrate",
+    "staleness",
     "state",
+    "unfreeze",
 ]
 
 # How the moving average treats its first updates; see `_effective_decay`.
@@ -70,6 +75,9 @@ class _LayerState:
 
     count: tf.Variable  # Number of batches the moving statistics summarize.
     frozen: bool = False
+    # How the last step that owned the layer averages (for `staleness`).
+    averaging: str = "debias"
+    decay: float | None = None
 
 
 # Per-thread stack of collectors: `MirroredStrategy` runs each replica's forward
@@ -143,8 +151,11 @@ class _Moments:
 class _Collector:
     """Receives the moments owned layers report during one forward pass."""
 
-    def __init__(self, *, sync: bool):
+    def __init__(self, *, sync: bool = False, calibrate: bool = False):
         self.sync = sync
+        # Calibration: normalize with (and report) batch moments even in
+        # inference mode, so that dropout and the like stay off.
+        self.calibrate = calibrate
         self.moments: dict[int, list[_Moments]] = {}
         # Keras builds lazily-built models with a symbolic call in a scratch
         # graph; moments from any graph but the step's own are not reported.
@@ -175,7 +186,13 @@ def _make_owned_call(stock_call: Callable) -> Callable:
         if layer_state.frozen:
             training = False
         collector = _active_collector()
-        if collector is None or not (training and layer.trainable):
+        reporting = (
+            collector is not None
+            and not layer_state.frozen
+            and layer.trainable
+            and (training or collector.calibrate)
+        )
+        if not reporting:
             return stock_call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         moments = _batch_moments(layer, x, mask, sync=collector.sync)
@@ -219,6 +236,9 @@ def _batch_moments(layer, x, mask, *, sync: bool) -> _Moments:
     # Keras' own synchronized moments: one all-reduce per layer in the forward
     # pass, the price of normalizing with global-batch statistics.
     mean, variance = keras.ops.moments(x, axes=axes, synchronized=sync)
+    if not sync:  # An empty shard (last batch of a split) counts for nothing.
+        mean = tf.where(count > 0, mean, 0.0)
+        variance = tf.where(count > 0, variance, 0.0)
     return _Moments(count, mean, variance, synced=sync)
 
 
@@ -366,10 +386,222 @@ def _audit_message(silent: Sequence[str]) -> str:
 
 
 def _initial_weight(decay: float, count: int, averaging: str) -> float:
-    """The weight the initializer still carries in the moving statistics."""
+    """The weight the initializer still carries in the moving statistics.
+
+    Zero-debiased averages give it no weight after the first update; plain
+    ones give it decay ** count (0.9997 ** 1000 = 0.74: slim's decay needs
+    thousands of steps); the ramp gives it the product of its decays.
+    """
     if averaging == "debias":
         return 0.0 if count > 0 else 1.0
     if averaging == "plain":
         return float(decay**count)
     t = np.arange(count, dtype=np.float64)
     return float(np.prod(np.minimum(decay, (1.0 + t) / (10.0 + t))))
+
+
+def _calibration_targets(
+    model: keras.Model,
+) -> list[tuple[keras.layers.Layer, _LayerState]]:
+    """Owned layers whose statistics may be recomputed (not frozen)."""
+    return [(l, s) for l, s in _own_model(model) if not s.frozen and l.trainable]
+
+
+def _calibration_moments(model: keras.Model, targets, images) -> dict[int, _Moments]:
+    """Inference-mode forward pass in which BN layers use batch moments.
+
+    Upstream BN layers normalize with their batch statistics, as in training
+    and as in fvcore's and pycls's precise BN: one pass gives every layer's
+    statistics. Returns global-batch (count, mean, variance) by position in
+    `targets`.
+    """
+    collector = _Collector(calibrate=True)
+    with collector:
+        model(images, training=False)
+    reached = [
+        (i, _pool(collector.moments[id(layer)]))
+        for i, (layer, _) in enumerate(targets)
+        if id(layer) in collector.moments
+    ]
+    reduced = _cross_replica_moments(
+        [m for _, m in reached],
+        [tf.stop_gradient(targets[i][0].moving_mean.value) for i, _ in reached],
+    )
+    return {i: (m.count, m.mean, m.variance) for (i, _), m in zip(reached, reduced)}
+
+
+def _images_of(element):
+    return element[0] if isinstance(element, (tuple, list)) else element
+
+
+def recalibrate(
+    model: keras.Model,
+    dataset,
+    *,
+    num_batches: int,
+    strategy: tf.distribute.Strategy | None = None,
+) -> int:
+    """Sets BN moving statistics to their population values for the current weights.
+
+    Moving averages lag weights that change fast; this is precise BN
+    (Wu & Johnson, 2021): a forward-only pass over `num_batches` batches of
+    `dataset` (elements `images` or `(images, labels, ...)`, any batch sizes, a
+    last partial one included), in inference mode (dropout off) except that BN
+    layers normalize with batch statistics. Every owned, unfrozen BN layer's
+    moving mean and variance become the mean and variance of all its inputs
+    over those batches, pooled exactly (Chan's merge in float64) across
+    batches, replicas and workers; its update count becomes the number of
+    batches, so later zero-debiased updates weigh them as that many batches.
+    No other variable changes. Frozen layers (`freeze`, `trainable=False`)
+    are left alone.
+
+    The first BN layer's statistics are exact. Deeper layers see upstream BN
+    layers normalizing with batch statistics, as in training (fvcore and
+    pycls do the same): one pass serves all layers, where using recalibrated
+    upstream statistics would take one pass per layer.
+
+    Args:
+      model: the model; its BN layers are taken over as by a train step.
+      dataset: a `tf.data.Dataset`, or a distributed dataset of `strategy`.
+      num_batches: how many batches to use (fewer if the dataset ends).
+      strategy: the strategy the model was built under; None: the current.
+
+    Returns:
+      The number of batches used.
+    """
+    if num_batches < 1:
+        raise ValueError(f"`num_batches` must be at least 1, got {num_batches!r}.")
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        targets = _calibration_targets(model)
+    if isinstance(dataset, tf.data.Dataset):
+        dataset = strategy.experimental_distribute_dataset(dataset.take(num_batches))
+
+    @tf.function
+    def batch_moments(element):
+        def replica_fn(element):
+            return _calibration_moments(model, targets, _images_of(element))
+
+        per_replica = strategy.run(replica_fn, args=(element,))
+        # After the fused all-reduce, every replica holds the same values.
+        return strategy.experimental_local_results(per_replica)[0]
+
+    totals: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
+    used = 0
+    for element in dataset:
+        if used == num_batches:
+            break
+        for i, (count, mean, variance) in batch_moments(element).items():
+            totals[i] = _chan_merge(
+                totals.get(i),
+                (
+                    float(count),
+                    mean.numpy().astype(np.float64),
+                    variance.numpy().astype(np.float64),
+                ),
+            )
+        used += 1
+    if used == 0:
+        raise ValueError("`dataset` yielded no batches to recalibrate with.")
+    for i, (_, mean, variance) in totals.items():
+        layer, layer_state = targets[i]
+        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+        layer_state.count.assign(used)
+    return used
+
+
+def _chan_merge(a, b):
+    """Merges (count, mean, variance) of two sets exactly and stably (Chan et al.)."""
+    if a is None or a[0] == 0:
+        return b
+    if b[0] == 0:
+        return a
+    (na, ma, va), (nb, mb, vb) = a, b
+    n = na + nb
+    delta = mb - ma
+    mean = ma + delta * (nb / n)
+    m2 = va * na + vb * nb + delta**2 * (na * nb / n)
+    return n, mean, m2 / n
+
+
+@dataclasses.dataclass(frozen=True)
+class Staleness:
+    """How far one layer's moving statistics are from a batch's own.
+
+    Attributes:
+      layer: the layer's path.
+      mean_shift: mean over channels of |moving mean - batch mean| / batch std.
+      log_variance_ratio: mean over channels of |log(moving var / batch var)|.
+      initial_weight: the weight the initializer (0 and 1) still carries in
+        the moving statistics: 0 for zero-debiased averages after one update,
+        decay ** steps for plain ones.
+    """
+
+    layer: str
+    mean_shift: float
+    log_variance_ratio: float
+    initial_weight: float
+
+
+def staleness(model: keras.Model, batch) -> list[Staleness]:
+    """Compares every BN layer's moving statistics with a batch's own, per layer.
+
+    Scale-free, so layers compare with each other: a mean shift of 1 means the
+    moving mean is one standard deviation off. Values near 0 mean the moving
+    statistics describe the batch; large ones mean validation with them will
+    not reflect the model (the classic "val loss stays at ln(4)" symptom).
+    Changes no variable. `batch` is `images` or `(images, labels, ...)`.
+    """
+    targets = _calibration_targets(model)
+    moments = tf.function(lambda images: _calibration_moments(model, targets, images))(
+        _images_of(batch)
+    )
+    report = []
+    for i, (layer, layer_state) in enumerate(targets):
+        if i not in moments:
+            continue
+        eps = layer.epsilon
+        _, batch_mean, batch_var = (t.numpy() for t in moments[i])
+        batch_var = batch_var + eps
+        moving_var = layer.moving_variance.numpy() + eps
+        decay = layer.momentum if layer_state.decay is None else layer_state.decay
+        report.append(
+            Staleness(
+                layer=layer.path,
+                mean_shift=float(
+                    np.mean(
+                        np.abs(layer.moving_mean.numpy() - batch_mean)
+                        / np.sqrt(batch_var)
+                    )
+                ),
+                log_variance_ratio=float(
+                    np.mean(np.abs(np.log(moving_var / batch_var)))
+                ),
+                initial_weight=_initial_weight(
+                    decay, int(layer_state.count.numpy()), layer_state.averaging
+                ),
+            )
+        )
+    return report
+
+
+def freeze(model: keras.Model, *, train_scale_and_offset: bool = False) -> None:
+    """Puts every BN layer of `model` in inference mode; statistics stop updating.
+
+    For fine-tuning. With `train_scale_and_offset=True`, gamma and beta keep
+    training (the layer normalizes with its moving statistics); otherwise the
+    layers also become `trainable=False`. A train step built before the
+    freeze notices it on its next call and traces again.
+    """
+    for layer, layer_state in _own_model(model):
+        layer_state.frozen = True
+        if not train_scale_and_offset:
+            layer.trainable = False
+
+
+def unfreeze(model: keras.Model) -> None:
+    """Undoes `freeze`: BN layers train and update their statistics again."""
+    for layer, layer_state in _own_model(model):
+        layer_state.frozen = False
+        layer.trainable = True

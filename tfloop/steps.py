@@ -73,6 +73,9 @@ class TrainStep:
         self._gradient_transform = gradient_transform
         with strategy.scope():
             self._owned = bn._own_model(model)
+        for _, layer_state in self._owned:
+            layer_state.averaging = bn_averaging
+            layer_state.decay = bn_decay
         self._traced_freeze = None
         self._function = None
         self._silent: list[str] = []
@@ -157,7 +160,7 @@ class TrainStep:
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
         """Runs one step on one element of the (distributed) dataset."""
-        freeze = tuple(s.frozen for _, s in self._owned)
+        freeze = tuple((s.frozen, layer.trainable) for layer, s in self._owned)
         if self._function is None or freeze != self._traced_freeze:
             # A `tfloop.bn.freeze` after tracing changes what the graph must
             # do: trace again rather than silently ignore it.

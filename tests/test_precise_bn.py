@@ -1,0 +1,143 @@
+"""Precise BN (`recalibrate`), `staleness` and `freeze`, checked against numpy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfloop
+from numpy_reference import LOSS, mlp, numpy_bn_inputs
+from tfloop import bn
+
+
+def _population(model, batches):
+    """Population mean/var of each BN layer's inputs, upstream BN on batch stats."""
+    inputs = [numpy_bn_inputs(model, x) for x in batches]
+    return [
+        (
+            np.concatenate([h[i] for h in inputs]).mean(0),
+            np.concatenate([h[i] for h in inputs]).var(0),
+        )
+        for i in range(2)
+    ]
+
+
+def _features(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 5)) * [1, 2, 3, 4, 5] + [5, -3, 0, 1, 100]).astype(
+        "float32"
+    )
+
+
+@pytest.mark.parametrize("sizes", [[32], [10, 10, 10, 2], [7, 25]])
+def test_recalibrate_sets_population_statistics(sizes):
+    model = mlp(dropout=0.5)  # Dropout must stay off while recalibrating.
+    x = _features()
+    batches = np.split(x, np.cumsum(sizes)[:-1])
+    snapshot = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(batches), output_signature=tf.TensorSpec((None, 5), tf.float32)
+    )
+    assert bn.recalibrate(model, dataset, num_batches=10) == len(sizes)
+    for layer, (mean, var) in zip(bn.layers(model), _population(model, batches)):
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-4
+        )
+        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-4)
+    for variable in model.trainable_variables:
+        np.testing.assert_array_equal(variable.numpy(), snapshot[variable.path])
+    assert [int(c.numpy()) for c in bn.state(model).counts] == [len(sizes)] * 2
+
+
+def test_recalibrate_takes_at_most_num_batches():
+    model = mlp()
+    batches = np.split(_features(), 4)
+    dataset = tf.data.Dataset.from_tensor_slices(np.stack(batches))
+    assert bn.recalibrate(model, dataset, num_batches=2) == 2
+    mean, _ = _population(model, batches[:2])[0]
+    np.testing.assert_allclose(
+        bn.layers(model)[0].moving_mean.numpy(), mean, rtol=1e-5, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="`num_batches`"):
+        bn.recalibrate(model, dataset, num_batches=0)
+
+
+def test_recalibrate_across_two_replicas_with_different_data():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = mlp()
+    x = _features(30)
+    x[15:] += 50.0  # Replica 1 sees very different inputs than replica 0.
+    # Global batches of 10: each replica gets 5 examples; the last is partial.
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(30, "int64"))).batch(10)
+    bn.recalibrate(model, dataset, num_batches=5, strategy=strategy)
+    batches = np.split(x, 3)
+    # Upstream BN normalizes with each replica's own batch statistics.
+    per_replica = [half for b in batches for half in np.split(b, 2)]
+    for layer, (mean, var) in zip(bn.layers(model), _population(model, per_replica)):
+        for copy in layer.moving_mean.value.values:
+            np.testing.assert_allclose(copy.numpy(), mean, rtol=1e-5, atol=1e-4)
+        for copy in layer.moving_variance.value.values:
+            np.testing.assert_allclose(copy.numpy(), var, rtol=1e-4)
+
+
+def test_staleness_reports_lagging_statistics():
+    model = mlp(momentum=0.9)
+    step = tfloop.make_train_step(
+        model, keras.optimizers.SGD(0.0), LOSS, bn_averaging="plain"
+    )
+    x = _features()
+    for _ in range(3):
+        step((x, np.zeros(32, "int64")))
+    stale = bn.staleness(model, x)
+    assert [s.layer for s in stale] == [layer.path for layer in bn.layers(model)]
+    assert stale[0].initial_weight == pytest.approx(0.9**3)
+    # The input mean is 100 on the last feature: 3 plain steps leave it far off.
+    h1 = numpy_bn_inputs(model, x)[0]
+    moving = bn.layers(model)[0].moving_mean.numpy()
+    expected_shift = np.mean(np.abs(moving - h1.mean(0)) / np.sqrt(h1.var(0) + 1e-3))
+    assert stale[0].mean_shift == pytest.approx(expected_shift, rel=1e-4)
+    assert stale[0].mean_shift > 0.5
+    bn.recalibrate(model, tf.data.Dataset.from_tensors(x), num_batches=1)
+    fresh = bn.staleness(model, x)
+    assert fresh[0].mean_shift < 1e-4 and fresh[0].log_variance_ratio < 1e-4
+
+
+def test_debiased_statistics_carry_no_initial_weight():
+    model = mlp(momentum=0.9997)
+    tfloop.make_train_step(model, keras.optimizers.SGD(0.0), LOSS)(
+        (_features(), np.zeros(32, "int64"))
+    )
+    assert all(s.initial_weight == 0.0 for s in bn.staleness(model, _features(seed=1)))
+
+
+@pytest.mark.parametrize("train_scale_and_offset", [False, True])
+def test_freeze_is_honoured_by_a_step_built_before_it(train_scale_and_offset):
+    model = mlp()
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.5), LOSS)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 32)
+    step((_features(), y))
+    bn.freeze(model, train_scale_and_offset=train_scale_and_offset)
+    layer = bn.layers(model)[0]
+    frozen = [
+        v.numpy().copy()
+        for v in (layer.moving_mean, layer.moving_variance, layer.gamma)
+    ]
+    kernel = model.get_layer("d1").kernel.numpy().copy()
+    for seed in (1, 2):
+        step((_features(seed=seed), y))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), frozen[0])
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), frozen[1])
+    assert int(bn.state(model).counts[0].numpy()) == 1
+    assert not np.array_equal(model.get_layer("d1").kernel.numpy(), kernel)
+    gamma_moved = not np.array_equal(layer.gamma.numpy(), frozen[2])
+    assert gamma_moved == train_scale_and_offset
+    # Frozen layers normalize with their moving statistics in training too.
+    x = _features(seed=3)
+    np.testing.assert_allclose(
+        model(x, training=True), model(x, training=False), rtol=1e-6
+    )
+    bn.unfreeze(model)
+    step((x, y))
+    assert int(bn.state(model).counts[0].numpy()) == 2
