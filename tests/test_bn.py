@@ -6,11 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from numpy_reference import LOSS, mlp, numpy_bn_inputs
 
 import tfloop
 from tfloop import bn
-
-from numpy_reference import LOSS, mlp, numpy_bn_inputs
 
 
 def _ema(values, decay, averaging):

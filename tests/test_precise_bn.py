@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from numpy_reference import LOSS, mlp, numpy_bn_inputs
 
 import tfloop
-from numpy_reference import LOSS, mlp, numpy_bn_inputs
 from tfloop import bn
 
 
