@@ -61,6 +61,7 @@ class TrainStep:
         sync_bn: bool,
         bn_audit: str,
         gradient_transform: GradientTransform | None,
+        own_bn: bool,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -71,8 +72,10 @@ class TrainStep:
         self._sync_bn = sync_bn
         self._bn_audit = bn_audit
         self._gradient_transform = gradient_transform
-        with strategy.scope():
-            self._owned = bn._own_model(model)
+        self._owned = []
+        if own_bn:
+            with strategy.scope():
+                self._owned = bn._own_model(model)
         for _, layer_state in self._owned:
             layer_state.averaging = bn_averaging
             layer_state.decay = bn_decay
@@ -203,6 +206,7 @@ def make_train_step(
     sync_bn: bool = False,
     bn_audit: str = "warn",
     gradient_transform: GradientTransform | None = None,
+    own_bn: bool = True,
 ) -> TrainStep:
     """Builds a train step that owns the batch-norm statistics of `model`.
 
@@ -225,6 +229,9 @@ def make_train_step(
         some BN layer reported no batch moments (so it would never learn).
       gradient_transform: a function of the list of (gradient, variable)
         pairs, applied to the all-reduced (global) gradients, e.g. clipping.
+      own_bn: False leaves BN to Keras (stock behaviour: statistics assigned
+        in `call`, per replica, with constant momentum). Only for comparisons
+        and benchmarks; the `bn_*` and `sync_bn` arguments then do nothing.
 
     Returns:
       A `TrainStep`; `step(element)` returns `loss`, `data_loss` and `top1`.
@@ -243,6 +250,7 @@ def make_train_step(
         sync_bn=sync_bn,
         bn_audit=bn_audit,
         gradient_transform=gradient_transform,
+        own_bn=own_bn,
     )
 
 

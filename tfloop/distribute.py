@@ -1,0 +1,72 @@
+"""Strategies for one device, many local devices, and many machines.
+
+Kept apart from the steps: a step takes any `tf.distribute.Strategy`; this
+module only builds the three the binary offers and answers "am I the chief".
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def split_cpu(num_devices: int) -> None:
+    """Splits the CPU into `num_devices` logical devices (before TF starts).
+
+    Lets `MirroredStrategy` run the multi-replica path on a machine without
+    GPUs. Must run before TensorFlow initializes its devices.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    existing = tf.config.get_logical_device_configuration(cpu)
+    if existing is not None and len(existing) == num_devices:
+        return
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+    )
+
+
+def make_strategy(name: str, *, num_cpu_devices: int = 0) -> tf.distribute.Strategy:
+    """Returns the strategy called `name` (see `STRATEGIES`).
+
+    `mirrored` uses every local GPU, or with `num_cpu_devices` > 0 that many
+    logical CPU devices. `multi_worker` reads the cluster from `TF_CONFIG`.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}, got {name!r}.")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if num_cpu_devices > 0:
+        split_cpu(num_cpu_devices)
+    if name == "mirrored":
+        if num_cpu_devices > 0:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+            return tf.distribute.MirroredStrategy(devices[:num_cpu_devices])
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one worker that writes checkpoints and summaries."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def distribute(
+    strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
+) -> tf.distribute.DistributedDataset:
+    """Splits each global batch of `dataset` over the replicas of `strategy`.
+
+    Every worker builds the same pipeline and keeps its own share of each
+    batch (DATA sharding), so generated data and files shard alike.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
