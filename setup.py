@@ -15,7 +15,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["tfloop", "tfloop.*"]),
     # TensorFlow itself comes from an extra: `tensorflow` and `tensorflow-cpu`
     # both install the `tensorflow` module and must not be installed together.
-    install_requires=["absl-py>=1.0", "keras>=3.0", "numpy>=1.23"],
+    install_requires=["absl-py>=1.0", "keras>=3.0", "numpy>=1.23", "tensorboard>=2.16"],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16"],

@@ -11,7 +11,9 @@ from tfloop import bn, distribute, models
 from tfloop.config import TrainConfig
 from tfloop.optimize import OPTIMIZER_CLS_NAMES
 
-flags.DEFINE_enum("model", "inception_v1", list(models.NAMES), "Network (slim's defaults).")
+flags.DEFINE_enum(
+    "model", "inception_v1", list(models.NAMES), "Network (slim's defaults)."
+)
 flags.DEFINE_integer(
     "num_classes", None, "Classes; default: the dataset's.", lower_bound=2
 )
@@ -24,10 +26,17 @@ flags.DEFINE_integer(
     "steps_per_epoch", 0, "Steps per epoch; 0: one pass over the data.", lower_bound=0
 )
 flags.DEFINE_integer(
-    "train_examples", None, "Examples of the generated `shapes` train split.", lower_bound=1
+    "train_examples",
+    None,
+    "Examples of the generated `shapes` train split.",
+    lower_bound=1,
 )
 flags.DEFINE_enum(
-    "optimizer", "Momentum", list(OPTIMIZER_CLS_NAMES), "Optimizer.", case_sensitive=False
+    "optimizer",
+    "Momentum",
+    list(OPTIMIZER_CLS_NAMES),
+    "Optimizer.",
+    case_sensitive=False,
 )
 flags.DEFINE_float("learning_rate", 0.01, "Learning rate.", lower_bound=0.0)
 flags.DEFINE_float(

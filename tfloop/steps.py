@@ -47,7 +47,10 @@ def _split(element) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 class TrainStep:
-    """One optimizer step per call. Build it with `make_train_step`."""
+    """One optimizer step per call; see `make_train_step` for the arguments.
+
+    Subclasses (e.g. `tfloop.optimize.OptimizeLossStep`) extend `replica_fn`.
+    """
 
     def __init__(
         self,
@@ -55,14 +58,19 @@ class TrainStep:
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
         loss_fn: LossFn,
-        strategy: tf.distribute.Strategy,
-        bn_decay: float | None,
-        bn_averaging: str,
-        sync_bn: bool,
-        bn_audit: str,
-        gradient_transform: GradientTransform | None,
-        own_bn: bool,
+        strategy: tf.distribute.Strategy | None = None,
+        bn_decay: float | None = None,
+        bn_averaging: str = "debias",
+        sync_bn: bool = False,
+        bn_audit: str = "warn",
+        gradient_transform: GradientTransform | None = None,
+        own_bn: bool = True,
     ):
+        _check_choice("bn_averaging", bn_averaging, bn.AVERAGING_MODES)
+        _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
+        if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
+            raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
+        strategy = strategy or tf.distribute.get_strategy()
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -236,15 +244,11 @@ def make_train_step(
     Returns:
       A `TrainStep`; `step(element)` returns `loss`, `data_loss` and `top1`.
     """
-    _check_choice("bn_averaging", bn_averaging, bn.AVERAGING_MODES)
-    _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
-    if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
-        raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
     return TrainStep(
         model=model,
         optimizer=optimizer,
         loss_fn=loss_fn,
-        strategy=strategy or tf.distribute.get_strategy(),
+        strategy=strategy,
         bn_decay=bn_decay,
         bn_averaging=bn_averaging,
         sync_bn=sync_bn,

@@ -67,12 +67,12 @@ class _Run:
         )
         self.chief = distribute.is_chief(self.strategy)
         keras.utils.set_random_seed(config.seed)
-        load = dict(
-            data_dir=config.data_dir,
-            image_size=config.image_size,
-            batch_size=config.batch_size,
-            seed=config.seed,
-        )
+        load = {
+            "data_dir": config.data_dir,
+            "image_size": config.image_size,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+        }
         train_data, classes = data.load(
             config.dataset, split="train", num_examples=config.train_examples, **load
         )
@@ -93,7 +93,9 @@ class _Run:
                 f"of dataset `{config.dataset}`."
             )
         self.steps_per_epoch = config.steps_per_epoch or _count(train_data)
-        self.train_iterator = iter(distribute.distribute(self.strategy, train_data.repeat()))
+        self.train_iterator = iter(
+            distribute.distribute(self.strategy, train_data.repeat())
+        )
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
         with self.strategy.scope():
@@ -127,7 +129,7 @@ class _Run:
         Under `MultiWorkerMirroredStrategy` every worker must take part in a
         save; the others write to a private scratch directory they delete.
         """
-        items = dict(model=self.model, optimizer=self.train_step.optimizer)
+        items = {"model": self.model, "optimizer": self.train_step.optimizer}
         if not self.config.stock_bn:
             items["bn"] = bn.state(self.model)
         checkpoint = tf.train.Checkpoint(**items)
@@ -136,7 +138,9 @@ class _Run:
             self._scratch = directory = tempfile.mkdtemp(prefix="tfloop_worker_")
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
         if self.manager.latest_checkpoint:
-            checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            checkpoint.restore(
+                self.manager.latest_checkpoint
+            ).assert_existing_objects_matched()
             logging.info("Restored %s", self.manager.latest_checkpoint)
         if self.chief:
             self.writer = tf.summary.create_file_writer(f"{model_dir}/summaries")
@@ -155,7 +159,9 @@ class _Run:
                 self.model, self.calib_data, num_batches=batches, strategy=self.strategy
             )
             result = steps.evaluate(self.eval_step, self.val_data)
-            if moving["loss"] > max(_STALE_RATIO * result["loss"], result["loss"] + 0.05):
+            if moving["loss"] > max(
+                _STALE_RATIO * result["loss"], result["loss"] + 0.05
+            ):
                 _say(
                     f"BN statistics were stale: val loss {moving['loss']:.2f} with "
                     f"moving averages, {result['loss']:.2f} after recalibration"
