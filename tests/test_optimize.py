@@ -409,16 +409,31 @@ def test_without_check_numerics_nan_reaches_the_weights():
 # --- Summaries -------------------------------------------------------------------
 
 
-def _read_events(logdir) -> dict[str, dict[int, np.ndarray]]:
-    """{tag: {step: value}} from every event file under `logdir`."""
-    values: dict[str, dict[int, np.ndarray]] = {}
+def _summary_values(logdir):
+    """(step, summary value) pairs from every event file under `logdir`."""
     for path in glob.glob(f"{logdir}/events.out.tfevents*"):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                by_step = values.setdefault(value.tag, {})
-                assert event.step not in by_step, f"{value.tag} written twice"
-                by_step[event.step] = tf.make_ndarray(value.tensor)
+                yield event.step, value
+
+
+def _read_events(logdir) -> dict[str, dict[int, np.ndarray]]:
+    """{tag: {step: value}} from every event file under `logdir`."""
+    values: dict[str, dict[int, np.ndarray]] = {}
+    for step, value in _summary_values(logdir):
+        by_step = values.setdefault(value.tag, {})
+        assert step not in by_step, f"{value.tag} written twice"
+        by_step[step] = tf.make_ndarray(value.tensor)
     return values
+
+
+def _plugins(logdir) -> dict[str, set[str]]:
+    """{tag: TensorBoard plugin names in its metadata}: which dashboard shows it."""
+    plugins: dict[str, set[str]] = {}
+    for _, value in _summary_values(logdir):
+        name = value.metadata.plugin_data.plugin_name
+        plugins.setdefault(value.tag, set()).update([name] if name else [])
+    return plugins
 
 
 def _numpy_loss(w, b, x, y) -> float:
@@ -452,6 +467,10 @@ def test_summaries_are_written_with_the_right_tags_and_values(tmp_path):
         f"gradients/{kernel_path}",
         f"gradients/{model.layers[0].bias.path}",
     }
+    assert _plugins(tmp_path) == {
+        tag: {"histograms" if tag.startswith("gradients/") else "scalars"}
+        for tag in events
+    }
     params = [W0.copy(), B0.copy()]
     for t, (x, y) in enumerate(batches):
         grads = _grads(*params, x, y)
@@ -471,6 +490,8 @@ def test_summaries_are_written_with_the_right_tags_and_values(tmp_path):
             np.linalg.norm(clipped[0]),
             rtol=1e-5,
         )
+        # tf.summary.histogram's tensor: 30 rows of (left edge, right edge,
+        # count), spanning [min, max] of the (clipped) gradient's entries.
         histogram = events[f"gradients/{kernel_path}"][t]
         assert histogram.shape == (30, 3)
         assert histogram[:, 2].sum() == clipped[0].size
@@ -479,6 +500,9 @@ def test_summaries_are_written_with_the_right_tags_and_values(tmp_path):
             [clipped[0].min(), clipped[0].max()],
             rtol=1e-5,
         )
+        counts, edges = np.histogram(clipped[0], bins=30)
+        np.testing.assert_array_equal(histogram[:, 2], counts)
+        np.testing.assert_allclose(histogram[:, 0], edges[:-1], rtol=1e-5, atol=1e-7)
         params = [p - LR * g for p, g in zip(params, clipped)]
 
 

@@ -4,7 +4,7 @@ Why this module exists: TF1 code configured training with
 `tf.contrib.layers.optimize_loss` or `slim.learning.create_train_op`, which
 turned a loss tensor into a train op with gradient clipping, multipliers,
 noise, learning-rate decay and summaries. Neither exists in TF 2. This module
-gives the same knobs on top of `tfloop.steps.make_train_step`, so the step
+gives the same knobs on top of `tfloop.steps.TrainStep`, so the step
 still owns the batch-norm statistics and works under a `tf.distribute`
 strategy. Every gradient knob acts on the *all-reduced, global* gradients
 (through the step's `gradient_transform`), so clipping by norm under
@@ -61,7 +61,6 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
 from tfloop import steps
 
@@ -105,19 +104,6 @@ OPTIMIZER_SUMMARIES = (
 _GRADIENT_SUMMARIES = frozenset({"gradients", "gradient_norm", "global_gradient_norm"})
 
 _LOSS_MESSAGE = "tfloop.optimize_loss: the loss is inf or nan"
-
-# TensorBoard's plugin metadata, so `tf.summary.write` (core TF) produces what
-# `tf.summary.scalar` / `histogram` would without depending on the
-# `tensorboard` package, which TF 2.21 no longer installs.
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class=summary_pb2.DATA_CLASS_SCALAR,
-)
-_HISTOGRAM_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="histograms"),
-    data_class=summary_pb2.DATA_CLASS_TENSOR,
-)
-_HISTOGRAM_BUCKETS = 30
 
 
 # --- Learning rate and optimizer -------------------------------------------
@@ -353,7 +339,7 @@ class _GradientPipeline:
     def __call__(self, grads_and_vars: Sequence[tuple[Any, Any]]) -> GradsAndVars:
         grads_and_vars = list(grads_and_vars)
         # Read before `apply_gradients` increments it: the step being taken.
-        step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
+        step = tf.convert_to_tensor(self.optimizer.iterations)  # int64
         if self.check_numerics:
             grads_and_vars = [(_check_gradient(g, v), v) for g, v in grads_and_vars]
         if self.noise_scale is not None:
@@ -405,47 +391,24 @@ class _GradientPipeline:
         self, grads_and_vars: GradsAndVars, norm: tf.Tensor, step: tf.Tensor
     ) -> None:
         if "global_gradient_norm" in self.summaries:
-            _write_scalar("global_norm/gradient_norm", norm, step)
+            tf.summary.scalar("global_norm/gradient_norm", norm, step=step)
             if self.clip_gradients is not None or self.clip_gradient_norm > 0:
                 clipped = tf.linalg.global_norm([g for g, _ in grads_and_vars])
-                _write_scalar("global_norm/clipped_gradient_norm", clipped, step)
+                tf.summary.scalar(
+                    "global_norm/clipped_gradient_norm", clipped, step=step
+                )
         for g, v in grads_and_vars:
             if g is None:
                 continue
             if "gradients" in self.summaries:
-                tf.summary.write(
-                    f"gradients/{v.path}",
-                    _histogram(_values(g)),
-                    step=step,
-                    metadata=_HISTOGRAM_METADATA,
-                )
+                tf.summary.histogram(f"gradients/{v.path}", _values(g), step=step)
             if "gradient_norm" in self.summaries:
-                _write_scalar(f"gradient_norm/{v.path}", tf.norm(_values(g)), step)
+                tf.summary.scalar(
+                    f"gradient_norm/{v.path}", tf.norm(_values(g)), step=step
+                )
 
 
 # --- Summaries -------------------------------------------------------------
-
-
-def _write_scalar(tag: str, value: Any, step: tf.Tensor) -> None:
-    tf.summary.write(
-        tag, tf.cast(value, tf.float32), step=step, metadata=_SCALAR_METADATA
-    )
-
-
-def _histogram(values: tf.Tensor) -> tf.Tensor:
-    """TensorBoard's histogram tensor: [buckets, 3] rows of (left, right, count)."""
-    x = tf.reshape(tf.cast(values, tf.float64), [-1])
-    low, high = tf.reduce_min(x), tf.reduce_max(x)
-    spread = high > low
-    # All-equal values: one unit-wide range centred on them.
-    low = tf.where(spread, low, low - 0.5)
-    width = tf.where(spread, high - low, 1.0) / _HISTOGRAM_BUCKETS
-    index = tf.clip_by_value(
-        tf.cast(tf.floor((x - low) / width), tf.int32), 0, _HISTOGRAM_BUCKETS - 1
-    )
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(x), index, _HISTOGRAM_BUCKETS)
-    edges = low + width * tf.range(_HISTOGRAM_BUCKETS + 1, dtype=tf.float64)
-    return tf.stack([edges[:-1], edges[1:], counts], axis=1)
 
 
 def _check_summaries(summaries: Iterable[str] | None) -> frozenset[str]:
@@ -499,11 +462,19 @@ class OptimizeLossStep(steps.TrainStep):
     any `tf.function` and replica context); summaries go to the default
     `tf.summary` writer that is active when the step is *traced* (the first
     call), with step = `optimizer.iterations` before the update.
+
+    Args:
+      check_loss: check the replica's loss with `tf.debugging.check_numerics`.
+      scalar_summaries: which of `loss` and `learning_rate` to write.
+      **kwargs: the `TrainStep` arguments (keyword-only).
     """
 
-    # Set by `optimize_loss`; these defaults make it a plain `TrainStep`.
-    _check_loss: bool = False
-    _scalar_summaries: frozenset[str] = frozenset()
+    def __init__(
+        self, *, check_loss: bool, scalar_summaries: frozenset[str], **kwargs: Any
+    ):
+        super().__init__(**kwargs)
+        self._check_loss = check_loss
+        self._scalar_summaries = scalar_summaries
 
     @property
     def global_step(self) -> keras.Variable:
@@ -514,7 +485,7 @@ class OptimizeLossStep(steps.TrainStep):
         """The core step, then the loss check and `loss`/`learning_rate` summaries."""
         if self._scalar_summaries:
             # Reads ordered before the update: the rate and step being applied.
-            step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
+            step = tf.convert_to_tensor(self.optimizer.iterations)  # int64
             learning_rate = tf.convert_to_tensor(self.optimizer.learning_rate)
         metrics = super().replica_fn(images, labels)
         if self._check_loss:
@@ -527,9 +498,9 @@ class OptimizeLossStep(steps.TrainStep):
             context = tf.distribute.get_replica_context()
             if context is not None and context.num_replicas_in_sync > 1:
                 loss = context.all_reduce(tf.distribute.ReduceOp.SUM, loss)
-            _write_scalar("loss", loss, step)
+            tf.summary.scalar("loss", loss, step=step)
         if "learning_rate" in self._scalar_summaries:
-            _write_scalar("learning_rate", learning_rate, step)
+            tf.summary.scalar("learning_rate", learning_rate, step=step)
         return metrics
 
 
@@ -611,8 +582,8 @@ def optimize_loss(
         `tf.summary` writer active when the step is traced, at step
         `optimizer.iterations` (before the update), by replica 0 only.
         `loss` is the global loss (one scalar all-reduce under a strategy).
-      **train_step_kwargs: passed to `make_train_step` (`bn_decay`,
-        `bn_averaging`, `sync_bn`, `bn_audit`).
+      **train_step_kwargs: passed to `tfloop.steps.TrainStep` (`bn_decay`,
+        `bn_averaging`, `sync_bn`, `bn_audit`, `own_bn`).
 
     Note: under a strategy, any gradient knob or gradient summary makes the
     step all-reduce the gradients itself (the core's `gradient_transform`
@@ -667,18 +638,13 @@ def optimize_loss(
             clip_gradient_norm=clip_gradient_norm,
             summaries=summaries,
         )
-    step = steps.make_train_step(
-        model,
-        optimizer,
-        _checked_loss_fn(loss_fn) if check_numerics else loss_fn,
+    return OptimizeLossStep(
+        model=model,
+        optimizer=optimizer,
+        loss_fn=_checked_loss_fn(loss_fn) if check_numerics else loss_fn,
         strategy=strategy,
         gradient_transform=transform,
+        check_loss=check_numerics,
+        scalar_summaries=summaries & {"loss", "learning_rate"},
         **train_step_kwargs,
     )
-    # `make_train_step` validates and builds the core step; re-classing it
-    # adds `replica_fn`'s extras without duplicating that logic (the core
-    # takes no step class).
-    step.__class__ = OptimizeLossStep
-    step._check_loss = check_numerics
-    step._scalar_summaries = summaries & {"loss", "learning_rate"}
-    return step
