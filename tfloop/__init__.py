@@ -1,18 +1,26 @@
 """tfloop: hand-written TensorFlow 2 training loops with trustworthy batch norm.
 
-Public API:
-  make_train_step, make_eval_step, evaluate  -- tfloop.steps
-  bn                                         -- BN statistics: layers, state, ...
+Public API (see the README):
+  make_train_step, make_eval_step, evaluate   train and eval steps
+  optimize_loss                               optimize_loss-style train step
+  bn                                          BN statistics: layers, state,
+                                              recalibrate, staleness, freeze
+  models, data, compat                        slim's nets, inputs, TF1 graphs
 """
 
-from tfloop import bn
+from tfloop import bn, compat, data, models
+from tfloop.optimize import optimize_loss
 from tfloop.steps import EvalStep, TrainStep, evaluate, make_eval_step, make_train_step
 
 __all__ = [
     "EvalStep",
     "TrainStep",
     "bn",
+    "compat",
+    "data",
     "evaluate",
     "make_eval_step",
     "make_train_step",
+    "models",
+    "optimize_loss",
 ]

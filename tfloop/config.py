@@ -17,13 +17,13 @@ class TrainConfig:
     num_classes: int | None = None
     dataset: str = "shapes"
     data_dir: str | None = None
-    image_size: int = 64
+    image_size: int = 32
     batch_size: int = 32
     epochs: int = 3
     steps_per_epoch: int = 0
     train_examples: int | None = None
-    optimizer: str = "Momentum"
-    learning_rate: float = 0.01
+    optimizer: str = "Adam"
+    learning_rate: float = 0.001
     bn_decay: float | None = None
     bn_averaging: str = "debias"
     bn_recalibrate_batches: int = 10

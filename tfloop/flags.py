@@ -11,19 +11,26 @@ from tfloop import bn, distribute, models
 from tfloop.config import TrainConfig
 from tfloop.optimize import OPTIMIZER_CLS_NAMES
 
-flags.DEFINE_enum(
-    "model", "inception_v1", list(models.NAMES), "Network (slim's defaults)."
-)
+_D = TrainConfig()  # Defaults live in one place: the config.
+
+flags.DEFINE_enum("model", _D.model, list(models.NAMES), "Network (slim's defaults).")
 flags.DEFINE_integer(
     "num_classes", None, "Classes; default: the dataset's.", lower_bound=2
 )
-flags.DEFINE_enum("dataset", "shapes", ["shapes", "folder", "tfrecord"], "Input data.")
+flags.DEFINE_enum(
+    "dataset", _D.dataset, ["shapes", "folder", "tfrecord"], "Input data."
+)
 flags.DEFINE_string("data_dir", None, "Data directory for `folder` and `tfrecord`.")
-flags.DEFINE_integer("image_size", 64, "Input height and width.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
-flags.DEFINE_integer("epochs", 3, "Epochs to train.", lower_bound=0)
 flags.DEFINE_integer(
-    "steps_per_epoch", 0, "Steps per epoch; 0: one pass over the data.", lower_bound=0
+    "image_size", _D.image_size, "Input height and width.", lower_bound=1
+)
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("epochs", _D.epochs, "Epochs to train.", lower_bound=0)
+flags.DEFINE_integer(
+    "steps_per_epoch",
+    _D.steps_per_epoch,
+    "Steps per epoch; 0: one pass over the data.",
+    lower_bound=0,
 )
 flags.DEFINE_integer(
     "train_examples",
@@ -33,31 +40,38 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum(
     "optimizer",
-    "Momentum",
+    _D.optimizer,
     list(OPTIMIZER_CLS_NAMES),
     "Optimizer.",
     case_sensitive=False,
 )
-flags.DEFINE_float("learning_rate", 0.01, "Learning rate.", lower_bound=0.0)
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Learning rate.", lower_bound=0.0)
 flags.DEFINE_float(
     "bn_decay", None, "BN moving-average decay; default: the model's (slim's)."
 )
-flags.DEFINE_enum("bn_averaging", "debias", list(bn.AVERAGING_MODES), "BN averaging.")
+flags.DEFINE_enum(
+    "bn_averaging", _D.bn_averaging, list(bn.AVERAGING_MODES), "BN averaging."
+)
 flags.DEFINE_integer(
     "bn_recalibrate_batches",
-    10,
+    _D.bn_recalibrate_batches,
     "Batches of precise-BN recalibration before every validation and "
     "checkpoint; 0 turns it off.",
     lower_bound=0,
 )
-flags.DEFINE_bool("sync_bn", False, "Normalize with global-batch statistics.")
-flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES), "Distribution.")
+flags.DEFINE_bool("sync_bn", _D.sync_bn, "Normalize with global-batch statistics.")
+flags.DEFINE_enum("strategy", _D.strategy, list(distribute.STRATEGIES), "Distribution.")
 flags.DEFINE_integer(
-    "num_cpu_devices", 0, "With `mirrored`: logical CPU devices to use.", lower_bound=0
+    "num_cpu_devices",
+    _D.num_cpu_devices,
+    "With `mirrored`: logical CPU devices to use.",
+    lower_bound=0,
 )
 flags.DEFINE_string("model_dir", None, "Checkpoints and summaries; default: none.")
-flags.DEFINE_integer("seed", 0, "Seed of data, weights and augmentation.")
-flags.DEFINE_integer("log_every", 50, "Print a step line every N steps.", lower_bound=1)
+flags.DEFINE_integer("seed", _D.seed, "Seed of data, weights and augmentation.")
+flags.DEFINE_integer(
+    "log_every", _D.log_every, "Print a step line every N steps.", lower_bound=1
+)
 flags.DEFINE_bool(
     "compare_bn", False, "Run naive, decay-0.99 and tfloop's BN; write a PNG and table."
 )

@@ -50,6 +50,7 @@ class Validation:
     top1: float
     moving_loss: float
     moving_top1: float
+    train_top1: float  # Mean training accuracy of the epoch (nan before training).
 
 
 def _say(line: str) -> None:
@@ -149,7 +150,7 @@ class _Run:
     def global_step(self) -> int:
         return int(self.train_step.optimizer.iterations.numpy())
 
-    def validate(self, epoch: int) -> Validation:
+    def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
         """Validation numbers you can trust: recalibrated BN, staleness reported."""
         moving = steps.evaluate(self.eval_step, self.val_data)
         result = moving
@@ -177,14 +178,18 @@ class _Run:
             top1=result["top1"],
             moving_loss=moving["loss"],
             moving_top1=moving["top1"],
+            train_top1=train_top1,
         )
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int) -> float:
+        """Runs one epoch; returns its mean training accuracy."""
         start = time.perf_counter()
+        top1_sum = 0.0
+        first_step = self.global_step + 1  # Counted on the host: no sync per step.
         with self.writer.as_default():
-            for _ in range(self.steps_per_epoch):
+            for step in range(first_step, first_step + self.steps_per_epoch):
                 metrics = self.train_step(next(self.train_iterator))
-                step = self.global_step
+                top1_sum += metrics["top1"]  # Stays a tensor until the epoch ends.
                 if step % self.config.log_every == 0:
                     _say(
                         f"step {step}, loss = {float(metrics['loss']):.2f}, "
@@ -199,6 +204,7 @@ class _Run:
             seconds,
             images / seconds,
         )
+        return float(top1_sum) / self.steps_per_epoch
 
     def save(self) -> None:
         if self.manager is not None:
@@ -222,12 +228,14 @@ def train(config: TrainConfig) -> list[Validation]:
     """Runs `config`: validation before training and after every epoch."""
     run = _Run(config)
     try:
+        # `epochs` counts from the start of training, resumed runs included.
+        done = run.global_step // run.steps_per_epoch
         _say("early Validation Step")
-        results = [run.validate(epoch=0)]
-        for epoch in range(1, config.epochs + 1):
-            run.train_epoch(epoch)
+        results = [run.validate(epoch=done)]
+        for epoch in range(done + 1, config.epochs + 1):
+            train_top1 = run.train_epoch(epoch)
             _say("Validation Step")
-            results.append(run.validate(epoch))
+            results.append(run.validate(epoch, train_top1))
             run.save()  # After recalibration: checkpoints hold precise statistics.
         return results
     finally:
