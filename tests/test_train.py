@@ -58,7 +58,7 @@ def test_binary_prints_slim_lines_checkpoints_and_resumes(tmp_path):
     # `--epochs` is the total: a second run resumes with epoch 3, step 9.
     second = _fixed_lines(_run("--epochs=3", f"--model_dir={model_dir}").stdout)
     assert second.count("Validation Step") == 1
-    assert [line for line in second if line.startswith("step ")][0].startswith(
+    assert next(line for line in second if line.startswith("step ")).startswith(
         "step 10, "
     )
 
