@@ -12,6 +12,7 @@ TINY = [
     "--image_size=32",
     "--batch_size=16",
     "--train_examples=128",
+    "--val_examples=64",
     "--steps_per_epoch=4",
     "--log_every=2",
     "--bn_recalibrate_batches=2",

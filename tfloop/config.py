@@ -22,6 +22,7 @@ class TrainConfig:
     epochs: int = 3
     steps_per_epoch: int = 0
     train_examples: int | None = None
+    val_examples: int | None = None
     optimizer: str = "Adam"
     learning_rate: float = 0.001
     bn_decay: float | None = None

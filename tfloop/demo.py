@@ -62,7 +62,7 @@ def _plot(results: dict[str, list[Validation]], path: str, title: str) -> bool:
         import matplotlib
 
         matplotlib.use("Agg")
-        from matplotlib import pyplot
+        from matplotlib import pyplot, ticker
     except ImportError:
         logging.warning(
             "matplotlib is not installed: no %s (pip install tfloop[plot])", path
@@ -74,6 +74,7 @@ def _plot(results: dict[str, list[Validation]], path: str, title: str) -> bool:
             [v.epoch for v in rows], [v.loss for v in rows], marker="o", label=name
         )
     axes.set_yscale("log")
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_xlabel("epoch (0: before training)")
     axes.set_ylabel("validation loss")
     axes.set_title(title)

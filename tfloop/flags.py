@@ -33,9 +33,12 @@ flags.DEFINE_integer(
     lower_bound=0,
 )
 flags.DEFINE_integer(
-    "train_examples",
+    "train_examples", None, "Size of the generated `shapes` train split.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "val_examples",
     None,
-    "Examples of the generated `shapes` train split.",
+    "Size of the generated `shapes` validation split.",
     lower_bound=1,
 )
 flags.DEFINE_enum(

@@ -77,7 +77,9 @@ class _Run:
         train_data, classes = data.load(
             config.dataset, split="train", num_examples=config.train_examples, **load
         )
-        val_data, _ = data.load(config.dataset, split="validation", **load)
+        val_data, _ = data.load(
+            config.dataset, split="validation", num_examples=config.val_examples, **load
+        )
         # Recalibration sees training images as validation sees its own:
         # central crop, no augmentation (the inference-time input distribution).
         calib_data, _ = data.load(
