@@ -27,7 +27,7 @@ class TrainConfig:
     learning_rate: float = 0.001
     bn_decay: float | None = None
     bn_averaging: str = "debias"
-    bn_recalibrate_batches: int = 10
+    bn_recalibrate_batches: int = 50  # benchmarks/recalibration_batches.py
     sync_bn: bool = False
     strategy: str = "default"
     num_cpu_devices: int = 0
