@@ -62,8 +62,8 @@ def test_recalibrate_takes_at_most_num_batches():
         bn.recalibrate(model, dataset, num_batches=0)
 
 
-def test_recalibrate_across_two_replicas_with_different_data():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_recalibrate_across_two_replicas_with_different_data(mirrored):
+    strategy = mirrored
     with strategy.scope():
         model = mlp()
     x = _features(30)

@@ -26,6 +26,7 @@ the model stay interchangeable with stock Keras ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import types
@@ -120,18 +121,31 @@ def _own(layer: keras.layers.BatchNormalization) -> _LayerState:
             "which tfloop does not own; use renorm=False."
         )
     # ONLY_FIRST_REPLICA: every replica adds the same 1, keep one of them.
-    count = tf.Variable(
-        0,
-        dtype=tf.int64,
-        trainable=False,
-        name=f"{layer.name}_updates",
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-    )
+    # Created under the strategy of the layer's own variables, so that
+    # `state(model)` called before the step, outside `strategy.scope()`, does
+    # not make a plain variable that every replica increments.
+    with _variables_scope(layer):
+        count = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name=f"{layer.name}_updates",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
     layer_state = _LayerState(count=count)
     _STATES[layer] = layer_state
     stock_call = type(layer).call.__get__(layer)
     layer.call = types.MethodType(_make_owned_call(stock_call), layer)
     return layer_state
+
+
+def _variables_scope(layer: keras.layers.BatchNormalization):
+    """The scope of the strategy `layer`'s variables live in, if not current."""
+    variable = getattr(layer, "moving_mean", None)
+    strategy = getattr(getattr(variable, "value", None), "distribute_strategy", None)
+    if strategy is None or tf.distribute.has_strategy():
+        return contextlib.nullcontext()
+    return strategy.scope()
 
 
 def _own_model(model: keras.Model) -> list[tuple[keras.layers.Layer, _LayerState]]:
@@ -195,12 +209,12 @@ def _make_owned_call(stock_call: Callable) -> Callable:
         if not reporting:
             return stock_call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        moments = _batch_moments(layer, x, mask, sync=collector.sync)
+        mean, variance, moments = _batch_moments(layer, x, mask, sync=collector.sync)
         collector.moments.setdefault(id(layer), []).append(moments)
         outputs = tf.nn.batch_normalization(
             x,
-            _broadcastable(layer, moments.mean, x),
-            _broadcastable(layer, moments.variance, x),
+            _broadcastable(layer, mean, x),
+            _broadcastable(layer, variance, x),
             offset=None if layer.beta is None else _broadcastable(layer, layer.beta, x),
             scale=None
             if layer.gamma is None
@@ -214,12 +228,21 @@ def _make_owned_call(stock_call: Callable) -> Callable:
 
 def _broadcastable(layer, vector, x) -> tf.Tensor:
     """Reshapes a per-channel vector so it broadcasts against `x` on `layer.axis`."""
+    if layer.axis in (-1, x.shape.rank - 1):  # Channels last: it already does.
+        return tf.cast(vector, x.dtype)
     shape = [1] * x.shape.rank
     shape[layer.axis] = -1
     return tf.reshape(tf.cast(vector, x.dtype), shape)
 
 
-def _batch_moments(layer, x, mask, *, sync: bool) -> _Moments:
+def _batch_moments(
+    layer, x, mask, *, sync: bool
+) -> tuple[tf.Tensor, tf.Tensor, _Moments]:
+    """Mean and variance to normalize `x` with, and the moments to report.
+
+    Only the reported moments are guarded against empty shards: the guard
+    stays out of the gradient computation.
+    """
     axes = layer._reduction_axes
     if mask is not None:
         if sync:
@@ -231,15 +254,39 @@ def _batch_moments(layer, x, mask, *, sync: bool) -> _Moments:
         )
         mean, variance = tf.nn.weighted_moments(x, axes, weights)
         count = tf.reduce_sum(weights) / tf.cast(tf.shape(x)[layer.axis], x.dtype)
-        return _Moments(count, mean, variance, synced=False)
-    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+        return mean, variance, _Moments(count, mean, variance, synced=False)
+    count = _element_count(x, axes)
     # Keras' own synchronized moments: one all-reduce per layer in the forward
     # pass, the price of normalizing with global-batch statistics.
     mean, variance = keras.ops.moments(x, axes=axes, synchronized=sync)
-    if not sync:  # An empty shard (last batch of a split) counts for nothing.
-        mean = tf.where(count > 0, mean, 0.0)
-        variance = tf.where(count > 0, variance, 0.0)
-    return _Moments(count, mean, variance, synced=sync)
+    if sync or tf.get_static_value(count):
+        return mean, variance, _Moments(count, mean, variance, synced=sync)
+    # An empty shard (last batch of a split) counts for nothing.
+    return (
+        mean,
+        variance,
+        _Moments(
+            count,
+            tf.where(count > 0, mean, 0.0),
+            tf.where(count > 0, variance, 0.0),
+            synced=False,
+        ),
+    )
+
+
+def _element_count(x: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+    """Elements per channel of `x` (float32), a constant when shapes are static."""
+    known = 1
+    unknown = []
+    for axis in axes:
+        if x.shape[axis] is None:
+            unknown.append(axis)
+        else:
+            known *= x.shape[axis]
+    if not unknown:
+        return tf.constant(known, tf.float32)
+    dynamic = tf.reduce_prod(tf.gather(tf.shape(x), unknown))
+    return tf.cast(dynamic * known, tf.float32)
 
 
 def _pool(moments: Sequence[_Moments]) -> _Moments:
@@ -273,31 +320,49 @@ def _cross_replica_moments(
         or replica_context.num_replicas_in_sync == 1
     ):
         return list(per_layer)
-    pieces, sizes = [], []
-    for moments, shift in zip(per_layer, shifts):
-        delta = moments.mean - shift
-        pieces += [
-            moments.count * delta,
-            moments.count * (moments.variance + tf.square(delta)),
-            tf.reshape(moments.count, [1]),
-        ]
-        sizes += [delta.shape[0], delta.shape[0], 1]
+    # Vectorized over all layers' channels: a fixed number of ops, however
+    # many layers there are.
+    channels = [m.mean.shape[0] for m in per_layer]
+    counts = tf.stack([m.count for m in per_layer])
+    shift = tf.concat(list(shifts), axis=0)
+    delta = tf.concat([m.mean for m in per_layer], axis=0) - shift
+    variance = tf.concat([m.variance for m in per_layer], axis=0)
+    # Each channel's count: its layer's.
+    layer_of_channel = np.repeat(np.arange(len(channels)), channels)
+    per_channel = tf.gather(counts, layer_of_channel)
     fused = replica_context.all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.stop_gradient(tf.concat(pieces, axis=0))
+        tf.distribute.ReduceOp.SUM,
+        tf.stop_gradient(
+            tf.concat(
+                [
+                    per_channel * delta,
+                    per_channel * (variance + tf.square(delta)),
+                    counts,
+                ],
+                axis=0,
+            )
+        ),
     )
-    sums = tf.split(fused, sizes)
-    result = []
-    for i, shift in enumerate(shifts):
-        first, second, count = sums[3 * i : 3 * i + 3]
-        count = count[0]
-        delta = first / count
-        variance = tf.maximum(second / count - tf.square(delta), 0.0)
-        result.append(_Moments(count, shift + delta, variance, synced=True))
-    return result
+    first, second, counts = tf.split(fused, [sum(channels), sum(channels), -1])
+    per_channel = tf.gather(counts, layer_of_channel)
+    delta = first / per_channel
+    variance = tf.maximum(second / per_channel - tf.square(delta), 0.0)
+    return [
+        _Moments(count, mean, var, synced=True)
+        for count, mean, var in zip(
+            tf.unstack(counts),
+            tf.split(shift + delta, channels),
+            tf.split(variance, channels),
+        )
+    ]
 
 
-def _effective_decay(decay: float, count: tf.Tensor, averaging: str) -> tf.Tensor:
+def _effective_decay(
+    decay: float | Sequence[float], count: tf.Tensor, averaging: str
+) -> tf.Tensor:
     """The weight the old moving value gets at update number `count + 1`.
+
+    Elementwise: `decay` and `count` may be vectors (one entry per layer).
 
     - `debias` (default): the zero-debiased average of Sonnet's
       `ExponentialMovingAverage` and `assign_moving_average(zero_debias=True)`,
@@ -345,9 +410,17 @@ def _apply_updates(
     moments = [m for _, _, m in reported]
     for (i, _), m in zip(local, reduced):
         moments[i] = m
-    for (layer, layer_state, _), m in zip(reported, moments):
-        layer_decay = layer.momentum if decay is None else decay
-        keep = _effective_decay(layer_decay, layer_state.count, averaging)
+    if not reported:
+        return
+    # The decays of all layers as one vector: a few ops in all, not per layer.
+    keeps = tf.unstack(
+        _effective_decay(
+            [layer.momentum if decay is None else decay for layer, _, _ in reported],
+            tf.stack([layer_state.count for _, layer_state, _ in reported]),
+            averaging,
+        )
+    )
+    for (layer, layer_state, _), m, keep in zip(reported, moments, keeps):
         for variable, batch_value in (
             (layer.moving_mean, m.mean),
             (layer.moving_variance, m.variance),

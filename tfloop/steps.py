@@ -41,6 +41,20 @@ def _correct_and_count(
     return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
 
 
+def _sum_over_replicas(
+    strategy: tf.distribute.Strategy, per_replica: dict[str, tf.Tensor]
+) -> dict[str, tf.Tensor]:
+    """Sums each value of `per_replica` over all replicas (of all workers).
+
+    One `strategy.reduce` per value: `MultiWorkerMirroredStrategy` cannot
+    reduce a dict at once (`MirroredStrategy` can).
+    """
+    return {
+        key: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+        for key, value in per_replica.items()
+    }
+
+
 def _split(element) -> tuple[tf.Tensor, tf.Tensor]:
     images, labels = element
     return images, labels
@@ -87,6 +101,11 @@ class TrainStep:
         for _, layer_state in self._owned:
             layer_state.averaging = bn_averaging
             layer_state.decay = bn_decay
+        if model.built and not optimizer.built:
+            # Slots now, not in the first trace: a `tf.function` that creates
+            # variables is traced twice, which doubles the first step's time.
+            with strategy.scope():
+                optimizer.build(model.trainable_variables)
         self._traced_freeze = None
         self._function = None
         self._silent: list[str] = []
@@ -162,7 +181,7 @@ class TrainStep:
 
     def _step(self, element) -> dict[str, tf.Tensor]:
         per_replica = self.strategy.run(self.replica_fn, args=_split(element))
-        sums = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        sums = _sum_over_replicas(self.strategy, per_replica)
         return {
             "loss": sums["loss"],
             "data_loss": sums["data_loss"],
@@ -278,7 +297,7 @@ class EvalStep:
 
     def _step(self, element) -> dict[str, tf.Tensor]:
         per_replica = self.strategy.run(self.replica_fn, args=_split(element))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return _sum_over_replicas(self.strategy, per_replica)
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
         return self._function(element)

@@ -1,0 +1,159 @@
+"""Many machines: two worker processes on 127.0.0.1 under MultiWorkerMirroredStrategy.
+
+Each worker is a fresh Python process with one CPU device (this directory's
+conftest, which splits the CPU in two, is not loaded there) and a `TF_CONFIG`
+naming both. The reference is the same training in this process, with the
+two logical devices of the conftest under `MirroredStrategy`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import multi_worker_script
+import numpy as np
+import tensorflow as tf
+
+import tfloop
+
+TIMEOUT = 150  # Seconds the workers of a cluster may take; all are killed past it.
+_SCRIPT = Path(multi_worker_script.__file__)
+_TFLOOP_ROOT = str(Path(tfloop.__file__).parent.parent)
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (bound to port 0, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class _Worker:
+    """One worker process; its stdout and stderr go to files (pipes can fill)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, name: str):
+        self.stdout, self.stderr = cwd / f"{name}.out", cwd / f"{name}.err"
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.process = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+            )
+        self.timed_out = False
+
+
+def _start_workers(
+    args_of_worker: Callable[[int], list[str]], cwd: Path, num_workers: int = 2
+) -> list[_Worker]:
+    """Starts the workers of one cluster; `args_of_worker(i)` is worker i's argv."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(num_workers)]}
+    workers = []
+    for index in range(num_workers):
+        env = dict(os.environ)
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        # The tfloop this process imports, wherever it was imported from.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [_TFLOOP_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )
+        workers.append(_Worker(args_of_worker(index), env, cwd, f"worker{index}"))
+    return workers
+
+
+def _wait(workers: list[_Worker]) -> list[str]:
+    """Waits for every worker (killing all on timeout); returns their stdouts."""
+    deadline = time.monotonic() + TIMEOUT
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.timed_out = True
+            worker.process.kill()
+            worker.process.wait()
+    for index, worker in enumerate(workers):
+        stderr = worker.stderr.read_text(errors="replace")
+        traceback = stderr.rfind("Traceback")
+        assert worker.process.returncode == 0, (
+            f"worker {index} "
+            + (f"timed out after {TIMEOUT} s" if worker.timed_out else "failed")
+            + f" (exit {worker.process.returncode}):\n"
+            + stderr[traceback if traceback >= 0 else -3000 :][-6000:]
+        )
+    return [worker.stdout.read_text(errors="replace") for worker in workers]
+
+
+def test_workers_match_one_process_with_two_devices(mirrored, tmp_path):
+    workers = _start_workers(
+        lambda i: [sys.executable, str(_SCRIPT), str(tmp_path / f"worker{i}.npz")],
+        tmp_path,
+    )
+    try:  # The reference runs here while the workers start.
+        reference = multi_worker_script.train(mirrored)
+    finally:
+        _wait(workers)
+    results = [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)]
+    assert all(int(r.pop("num_replicas")) == 2 for r in results)
+    assert set(results[0]) == set(results[1]) == set(reference)
+    assert sum(name.startswith("bn_count") for name in reference) == 2
+    for name, expected in reference.items():
+        np.testing.assert_array_equal(results[0][name], results[1][name], name)
+        np.testing.assert_allclose(
+            results[0][name], expected, rtol=1e-5, atol=1e-6, err_msg=name
+        )
+    # Every worker took one step per global batch, no more, no fewer.
+    assert int(reference["bn_count_0"]) == multi_worker_script.STEPS
+
+
+def test_binary_on_two_workers(tmp_path):
+    """`python -m tfloop.train --strategy=multi_worker` on a 2-worker cluster.
+
+    Each worker gets its own `--model_dir`, so that what the non-chief writes
+    there, if anything, is told apart from what the chief writes.
+    """
+    flags = [
+        "--strategy=multi_worker",
+        "--model=resnet_v1_small",
+        "--image_size=32",
+        "--batch_size=8",
+        "--epochs=1",
+        "--steps_per_epoch=3",
+        "--train_examples=64",
+        "--bn_recalibrate_batches=2",
+        "--val_examples=64",  # 8 validation batches, not 64: saves ~25 s.
+    ]
+    model_dirs = [tmp_path / f"model{i}" for i in range(2)]
+    workers = _start_workers(
+        lambda i: (
+            [sys.executable, "-m", "tfloop.train", *flags]
+            + [f"--model_dir={model_dirs[i]}"]
+        ),
+        tmp_path,
+    )
+    outputs = _wait(workers)
+    for output in outputs:
+        precision = re.findall(
+            r"^precision @ 1 = [0-9.]+ val loss = \S+$", output, re.MULTILINE
+        )
+        assert len(precision) == 2, output[-3000:]  # Before and after the epoch.
+    chief_dir, other_dir = model_dirs
+    checkpoints = sorted(p.name for p in (chief_dir / "checkpoints").iterdir())
+    assert "checkpoint" in checkpoints and "ckpt-3.index" in checkpoints, checkpoints
+    saved = tf.train.list_variables(str(chief_dir / "checkpoints"))
+    assert any(name.startswith("bn/counts/") for name, _ in saved)  # BN state too.
+    events = list((chief_dir / "summaries").glob("events.out.tfevents.*"))
+    assert any(b"validation/top1" in e.read_bytes() for e in events), events
+    written = list(other_dir.rglob("*")) if other_dir.exists() else []
+    assert written == [], written
