@@ -550,15 +550,7 @@ def recalibrate(
     if isinstance(dataset, tf.data.Dataset):
         dataset = strategy.experimental_distribute_dataset(dataset.take(num_batches))
 
-    @tf.function
-    def batch_moments(element):
-        def replica_fn(element):
-            return _calibration_moments(model, targets, _images_of(element))
-
-        per_replica = strategy.run(replica_fn, args=(element,))
-        # After the fused all-reduce, every replica holds the same values.
-        return strategy.experimental_local_results(per_replica)[0]
-
+    batch_moments = _calibration_function(model, targets, strategy)
     totals: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
     used = 0
     for element in dataset:
@@ -582,6 +574,31 @@ def recalibrate(
         layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
         layer_state.count.assign(used)
     return used
+
+
+# Traced calibration passes, per model and (strategy, layers), so that a
+# recalibration before every validation does not trace again each time.
+_CALIBRATION_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _calibration_function(model, targets, strategy) -> Callable:
+    """The `tf.function` of one calibration batch: global (count, mean, var)."""
+    functions = _CALIBRATION_FUNCTIONS.setdefault(model, {})
+    key = (strategy, tuple(id(layer) for layer, _ in targets))
+    if key not in functions:
+        model_ref = weakref.ref(model)  # The cache must not keep the model alive.
+
+        @tf.function
+        def batch_moments(element):
+            def replica_fn(element):
+                return _calibration_moments(model_ref(), targets, _images_of(element))
+
+            per_replica = strategy.run(replica_fn, args=(element,))
+            # After the fused all-reduce, every replica holds the same values.
+            return strategy.experimental_local_results(per_replica)[0]
+
+        functions[key] = batch_moments
+    return functions[key]
 
 
 def _chan_merge(a, b):

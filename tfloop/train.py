@@ -127,24 +127,26 @@ class _Run:
             self._open_model_dir(config.model_dir)
 
     def _open_model_dir(self, model_dir: str) -> None:
-        """Checkpoints (restored if present) and summaries; the chief's only.
+        """Restores the latest checkpoint, if any; opens checkpoints and summaries.
 
-        Under `MultiWorkerMirroredStrategy` every worker must take part in a
-        save; the others write to a private scratch directory they delete.
+        Every worker restores from `MODEL_DIR/checkpoints`, so a resumed
+        multi-worker run resumes everywhere. Under `MultiWorkerMirroredStrategy`
+        every worker must also take part in a save: the chief writes to
+        `MODEL_DIR`, the others to a private scratch directory they delete, so
+        nothing but the chief's files lands where the chief reads.
         """
         items = {"model": self.model, "optimizer": self.train_step.optimizer}
         if not self.config.stock_bn:
             items["bn"] = bn.state(self.model)
         checkpoint = tf.train.Checkpoint(**items)
         directory = f"{model_dir}/checkpoints"
+        latest = tf.train.latest_checkpoint(directory)
+        if latest:
+            checkpoint.restore(latest).assert_existing_objects_matched()
+            logging.info("Restored %s", latest)
         if not self.chief:
             self._scratch = directory = tempfile.mkdtemp(prefix="tfloop_worker_")
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
-        if self.manager.latest_checkpoint:
-            checkpoint.restore(
-                self.manager.latest_checkpoint
-            ).assert_existing_objects_matched()
-            logging.info("Restored %s", self.manager.latest_checkpoint)
         if self.chief:
             self.writer = tf.summary.create_file_writer(f"{model_dir}/summaries")
 
