@@ -133,6 +133,7 @@ def test_binary_on_two_workers(tmp_path):
         "--train_examples=64",
         "--bn_recalibrate_batches=2",
         "--val_examples=64",  # 8 validation batches, not 64: saves ~25 s.
+        "--log_every=1",
     ]
     model_dirs = [tmp_path / f"model{i}" for i in range(2)]
     workers = _start_workers(
@@ -157,3 +158,18 @@ def test_binary_on_two_workers(tmp_path):
     assert any(b"validation/top1" in e.read_bytes() for e in events), events
     written = list(other_dir.rglob("*")) if other_dir.exists() else []
     assert written == [], written
+    # Resume on a shared model dir: every worker restores the chief's
+    # checkpoint and continues with steps 4-6 (a worker that restarted at
+    # step 1 would print "step 1" and train half of each batch from scratch).
+    resumed = _wait(
+        _start_workers(
+            lambda i: (
+                [sys.executable, "-m", "tfloop.train", *flags]
+                + ["--epochs=2", f"--model_dir={chief_dir}"]
+            ),
+            tmp_path,
+        )
+    )
+    for output in resumed:
+        steps = re.findall(r"^step (\d+), ", output, re.MULTILINE)
+        assert steps == ["4", "5", "6"], output[-3000:]
