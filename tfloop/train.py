@@ -160,8 +160,14 @@ class _Run:
         result = moving
         batches = self.config.bn_recalibrate_batches
         if batches and not self.config.stock_bn and bn.layers(self.model):
-            bn.recalibrate(
+            start = time.perf_counter()
+            used = bn.recalibrate(
                 self.model, self.calib_data, num_batches=batches, strategy=self.strategy
+            )
+            logging.info(
+                "recalibrated BN on %d batches in %.1f s",
+                used,
+                time.perf_counter() - start,
             )
             result = steps.evaluate(self.eval_step, self.val_data)
             if moving["loss"] > max(
