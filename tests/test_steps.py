@@ -89,7 +89,9 @@ def test_any_model_trains_owns_bn_and_eval_changes_nothing(name):
     traced = step.tracing_count  # 2 for models built lazily by the first trace.
     for element in dataset:  # A second epoch does not trace again.
         metrics = step(element)
-    assert step.tracing_count == traced <= 2
+    # Built models trace once; a subclassed model built by its first call
+    # creates variables in that trace, which makes tf.function trace again.
+    assert step.tracing_count == traced == (2 if name == "subclassed" else 1)
     assert set(metrics) >= {"loss", "top1"}
     assert np.isfinite(float(metrics["loss"]))
     assert [int(c.numpy()) for c in bn.state(model).counts] == [4] * len(
