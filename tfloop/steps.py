@@ -41,18 +41,24 @@ def _correct_and_count(
     return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
 
 
-def _sum_over_replicas(
-    strategy: tf.distribute.Strategy, per_replica: dict[str, tf.Tensor]
+def _run_and_sum(
+    strategy: tf.distribute.Strategy, replica_fn: Callable, element
 ) -> dict[str, tf.Tensor]:
-    """Sums each value of `per_replica` over all replicas (of all workers).
+    """Runs `replica_fn` on every replica; sums its scalars over all replicas.
 
-    One `strategy.reduce` per value: `MultiWorkerMirroredStrategy` cannot
-    reduce a dict at once (`MirroredStrategy` can).
+    The scalars travel as one stacked vector: one reduction per step, however
+    many metrics (and `MultiWorkerMirroredStrategy` cannot reduce a dict).
     """
-    return {
-        key: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-        for key, value in per_replica.items()
-    }
+    keys: list[str] = []
+
+    def stacked(images, labels):
+        values = replica_fn(images, labels)
+        keys[:] = values
+        return tf.stack([tf.cast(values[key], tf.float32) for key in keys])
+
+    per_replica = strategy.run(stacked, args=_split(element))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    return dict(zip(keys, tf.unstack(total)))
 
 
 def _split(element) -> tuple[tf.Tensor, tf.Tensor]:
@@ -180,8 +186,7 @@ class TrainStep:
         return grads_and_vars
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        per_replica = self.strategy.run(self.replica_fn, args=_split(element))
-        sums = _sum_over_replicas(self.strategy, per_replica)
+        sums = _run_and_sum(self.strategy, self.replica_fn, element)
         return {
             "loss": sums["loss"],
             "data_loss": sums["data_loss"],
@@ -296,8 +301,7 @@ class EvalStep:
         return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        per_replica = self.strategy.run(self.replica_fn, args=_split(element))
-        return _sum_over_replicas(self.strategy, per_replica)
+        return _run_and_sum(self.strategy, self.replica_fn, element)
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
         return self._function(element)
