@@ -325,10 +325,15 @@ def make_eval_step(
 
 def evaluate(eval_step: EvalStep, dataset) -> dict[str, float]:
     """Runs `eval_step` over a (distributed) dataset; returns `loss` and `top1`."""
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    # Summed on the device in float64: no host sync per batch, and exact
+    # counts however large the validation set.
+    totals = {
+        key: tf.constant(0.0, tf.float64) for key in ("loss_sum", "correct", "count")
+    }
     for element in dataset:
         for key, value in eval_step(element).items():
-            totals[key] += float(value)
+            totals[key] += tf.cast(value, tf.float64)
+    totals = {key: float(value) for key, value in totals.items()}
     if totals["count"] == 0:
         raise ValueError("`dataset` yielded no examples to evaluate.")
     return {
