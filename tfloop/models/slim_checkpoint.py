@@ -27,7 +27,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SlimCheckpointLoad", "load_slim_checkpoint", "slim_name", "slim_scope"]
+__all__ = [
+    "SlimCheckpointLoad",
+    "load_slim_checkpoint",
+    "set_trainable_scopes",
+    "slim_name",
+    "slim_scope",
+]
 
 # tfloop model name -> the variable scope of slim's network.
 _SCOPES = {
@@ -126,22 +132,63 @@ def _top_scope(name: str) -> str:
 
 
 def _clean_scopes(
-    exclude_scopes: Iterable[str], names: Iterable[str]
+    scopes: Iterable[str], names: Iterable[str], *, argument: str
 ) -> tuple[str, ...]:
-    if isinstance(exclude_scopes, str):
+    """Stripped scopes; each must name at least one of `names` (typos refused)."""
+    if isinstance(scopes, str):
         raise TypeError(
-            f"`exclude_scopes` must be a list of scopes, got the string {exclude_scopes!r}."
+            f"`{argument}` must be a list of scopes, got the string {scopes!r}."
         )
-    scopes = tuple(s.strip().rstrip("/") for s in exclude_scopes if s.strip())
+    cleaned = tuple(s.strip().rstrip("/") for s in scopes if s.strip())
     names = list(names)
-    for scope in scopes:
+    for scope in cleaned:
         if not any(_in_scopes(n, [scope]) for n in names):
             tops = sorted({_top_scope(n) for n in names})
             raise ValueError(
-                f"`exclude_scopes` entry {scope!r} names no variable of the model; "
+                f"`{argument}` entry {scope!r} names no variable of the model; "
                 f"its scopes are {', '.join(tops)}."
             )
-    return scopes
+    return cleaned
+
+
+def set_trainable_scopes(
+    model: keras.Model, trainable_scopes: Iterable[str]
+) -> tuple[str, ...]:
+    """Trains only the layers inside slim scopes; freezes every other layer.
+
+    Slim's `--trainable_scopes`. A layer outside them becomes
+    `trainable=False`: its weights stop training and, for batch norm, its
+    moving statistics stay as they are (tfloop's step and
+    `tfloop.bn.recalibrate` leave non-trainable BN layers alone, and Keras
+    normalizes them with those statistics). No scopes: nothing changes.
+
+    Returns:
+      The slim names of the variables that remain trainable.
+
+    Raises:
+      ValueError: a scope that names no variable, or one that takes only part
+        of a layer's trainable variables (a layer trains as a whole).
+    """
+    scope = slim_scope(model)
+    names = {id(v): slim_name(scope, v.path) for v in model.weights}
+    scopes = _clean_scopes(
+        trainable_scopes, names.values(), argument="trainable_scopes"
+    )
+    if not scopes:
+        return tuple(names[id(v)] for v in model.trainable_weights)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if layer._layers or not layer.trainable_weights:
+            continue  # Only leaf layers own variables in tfloop's nets.
+        inside = [_in_scopes(names[id(v)], scopes) for v in layer.trainable_weights]
+        if any(inside) and not all(inside):
+            raise ValueError(
+                f"`trainable_scopes` takes only part of layer `{layer.name}` "
+                f"({names[id(layer.trainable_weights[0])]}, ...); name a whole "
+                "layer's scope."
+            )
+        if not any(inside):
+            layer.trainable = False
+    return tuple(names[id(v)] for v in model.trainable_weights)
 
 
 def load_slim_checkpoint(
@@ -180,7 +227,9 @@ def load_slim_checkpoint(
     reader = tf.train.load_checkpoint(_checkpoint_prefix(checkpoint_path))
     shapes = reader.get_variable_to_shape_map()
     named = [(slim_name(scope, v.path), v) for v in model.weights]
-    scopes = _clean_scopes(exclude_scopes, [n for n, _ in named])
+    scopes = _clean_scopes(
+        exclude_scopes, [n for n, _ in named], argument="exclude_scopes"
+    )
     if not any(n in shapes for n, _ in named):
         example = sorted(shapes)[:1]
         raise ValueError(
