@@ -176,6 +176,7 @@ def set_trainable_scopes(
     )
     if not scopes:
         return tuple(names[id(v)] for v in model.trainable_weights)
+    outside = []
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if layer._layers or not layer.trainable_weights:
             continue  # Only leaf layers own variables in tfloop's nets.
@@ -187,7 +188,9 @@ def set_trainable_scopes(
                 "layer's scope."
             )
         if not any(inside):
-            layer.trainable = False
+            outside.append(layer)
+    for layer in outside:  # Only once every layer passed: errors change nothing.
+        layer.trainable = False
     return tuple(names[id(v)] for v in model.trainable_weights)
 
 
