@@ -45,17 +45,17 @@ def _resolve(config: TrainConfig) -> str:
     """The checkpoint prefix to evaluate (see the module doc)."""
     if config.checkpoint_path:
         path = config.checkpoint_path
+        if not tf.io.gfile.isdir(path):
+            return path  # A prefix; `_restore` says if it is none.
     elif config.model_dir:
         sub = "averaged" if config.moving_average_decay else "checkpoints"
         path = f"{config.model_dir}/{sub}"
     else:
         raise ValueError("Evaluation needs --checkpoint_path or --model_dir.")
-    if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"No checkpoint in {path!r}.")
-        return latest
-    return path
+    latest = tf.train.latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"No checkpoint in {path!r}.")
+    return latest
 
 
 def _restore(model: keras.Model, prefix: str) -> None:
@@ -63,7 +63,7 @@ def _restore(model: keras.Model, prefix: str) -> None:
     try:
         keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     except (tf.errors.NotFoundError, tf.errors.DataLossError) as error:
-        raise ValueError(f"--checkpoint_path={prefix} is not a checkpoint.") from error
+        raise ValueError(f"{prefix!r} is not a checkpoint.") from error
     if _OBJECT_GRAPH not in keys:
         models.load_slim_checkpoint(model, prefix)
         return
