@@ -19,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfloop import bn
+from tfloop.bn import audit, averaging, ownership
 
 __all__ = ["EvalStep", "TrainStep", "evaluate", "make_eval_step", "make_train_step"]
 
@@ -86,7 +87,7 @@ class TrainStep:
         gradient_transform: GradientTransform | None = None,
         own_bn: bool = True,
     ):
-        _check_choice("bn_averaging", bn_averaging, bn.AVERAGING_MODES)
+        _check_choice("bn_averaging", bn_averaging, averaging.AVERAGING_MODES)
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
         if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
             raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
@@ -103,7 +104,7 @@ class TrainStep:
         self._owned = []
         if own_bn:
             with strategy.scope():
-                self._owned = bn._own_model(model)
+                self._owned = ownership._own_model(model)
         for _, layer_state in self._owned:
             layer_state.averaging = bn_averaging
             layer_state.decay = bn_decay
@@ -125,7 +126,7 @@ class TrainStep:
         examples. Reduce with SUM across replicas.
         """
         model = self.model
-        collector = bn._Collector(sync=self._sync_bn)
+        collector = ownership._Collector(sync=self._sync_bn)
         with collector, tf.GradientTape() as tape:
             logits = model(images, training=True)
             per_example = self.loss_fn(labels, logits)
@@ -133,9 +134,9 @@ class TrainStep:
             loss = data_loss
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        self._audit(bn._silent_layers(self._owned, collector))
+        self._audit(audit._silent_layers(self._owned, collector))
         # Statistics first: they describe the weights that produced them.
-        bn._apply_updates(
+        averaging._apply_updates(
             self._owned,
             collector,
             decay=self._bn_decay,
@@ -161,9 +162,9 @@ class TrainStep:
         if not silent or self._bn_audit == "off":
             return
         if self._bn_audit == "warn":
-            logging.warning(bn._audit_message(silent))
+            logging.warning(audit._audit_message(silent))
         elif not self._defer_audit_errors:
-            raise bn.BatchNormAuditError(bn._audit_message(silent))
+            raise bn.BatchNormAuditError(audit._audit_message(silent))
 
     def _transform(self, grads_and_vars):
         """Applies the gradient transform to the *global* (all-reduced) gradients.
@@ -209,7 +210,7 @@ class TrainStep:
             finally:
                 self._defer_audit_errors = False
             if self._silent and self._bn_audit == "error":
-                raise bn.BatchNormAuditError(bn._audit_message(self._silent))
+                raise bn.BatchNormAuditError(audit._audit_message(self._silent))
         return self._function(element)
 
     @property
@@ -253,7 +254,7 @@ def make_train_step(
       bn_averaging: `debias` (default; the statistics equal the first batch's
         after one step and are unbiased after any number), `ramp` (TF's
         `num_updates` schedule) or `plain` (stock Keras). See
-        `tfloop.bn._effective_decay`.
+        `tfloop.bn.averaging._effective_decay`.
       sync_bn: normalize with global-batch statistics in the forward pass
         (one all-reduce per BN layer), for small per-replica batches. The
         moving statistics are global-batch ones either way.

@@ -1,0 +1,28 @@
+"""Freezing BN layers for fine-tuning."""
+
+from __future__ import annotations
+
+import keras
+
+from tfloop.bn.ownership import _own_model
+
+
+def freeze(model: keras.Model, *, train_scale_and_offset: bool = False) -> None:
+    """Puts every BN layer of `model` in inference mode; statistics stop updating.
+
+    For fine-tuning. With `train_scale_and_offset=True`, gamma and beta keep
+    training (the layer normalizes with its moving statistics); otherwise the
+    layers also become `trainable=False`. A train step built before the
+    freeze notices it on its next call and traces again.
+    """
+    for layer, layer_state in _own_model(model):
+        layer_state.frozen = True
+        if not train_scale_and_offset:
+            layer.trainable = False
+
+
+def unfreeze(model: keras.Model) -> None:
+    """Undoes `freeze`: BN layers train and update their statistics again."""
+    for layer, layer_state in _own_model(model):
+        layer_state.frozen = False
+        layer.trainable = True
