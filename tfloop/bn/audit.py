@@ -19,7 +19,7 @@ def _silent_layers(
     """Names the layers whose statistics this forward pass would not update."""
     silent = []
     for layer, layer_state in owned:
-        if layer_state.frozen or id(layer) in collector.moments:
+        if layer_state.frozen or collector.reported(layer, layer_state):
             continue
         if not layer.trainable:
             reason = "trainable=False"
@@ -32,10 +32,26 @@ def _silent_layers(
     return silent
 
 
+def _check_honoured(collector: _Collector) -> None:
+    """Refuses BN subclasses whose own `call` updated statistics in training.
+
+    Such a layer's moving statistics would be assigned by stock Keras code
+    inside its `call`: per replica, not debiased, invisible to tfloop.
+    """
+    if collector.self_updating:
+        layer = collector.self_updating[0]
+        raise BatchNormAuditError(
+            f"BatchNormalization subclass `{type(layer).__name__}` (layer "
+            f"`{layer.path}`) overrides `call` and computes batch moments in "
+            "training, so its moving statistics would be updated by its own "
+            "call, per replica and not debiased; tfloop owns only layers with "
+            "the stock `call`: use keras.layers.BatchNormalization, or set "
+            "`trainable=False` on this layer to keep its statistics fixed."
+        )
+
+
 def _audit_message(silent: Sequence[str]) -> str:
     return (
         f"{len(silent)} BatchNormalization layer(s) will keep their moving "
         "statistics unchanged in training: " + "; ".join(silent)
     )
-
-
