@@ -170,6 +170,18 @@ def _run_and_reduce(
         keys[:] = values
         return tf.stack([tf.cast(values[key], tf.float32) for key in keys])
 
+    distributed = any(
+        isinstance(v, tf.distribute.DistributedValues) for v in tf.nest.flatten(element)
+    )
+    if (
+        distributed
+        and strategy is tf.distribute.get_strategy()
+        and not (tf.distribute.has_strategy())
+    ):
+        raise ValueError(
+            "The step got an element of a distributed dataset but runs on the "
+            "default strategy: pass `strategy=` the strategy that distributed it."
+        )
     per_replica = strategy.run(stacked, args=_split(element))
     total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
     return dict(zip(keys, tf.unstack(total)))

@@ -10,7 +10,17 @@ from tfloop.bn.ownership import _Collector, _LayerState
 
 
 class BatchNormAuditError(ValueError):
-    """Raised by a train step with `bn_audit='error'` when a BN layer would not learn."""
+    """Raised by a train step when a BN layer would not learn, or not through tfloop.
+
+    With `bn_audit='error'` for layers that report no moments; always for BN
+    subclasses whose own `call` updates their statistics.
+    """
+
+    # AutoGraph re-raises errors from converted code (a user's `tf.function`
+    # around `replica_fn`) with their own type only for a few built-in types
+    # and for types whose `__init__` is `Exception.__init__`; any other type
+    # becomes a `StagingError`, which `except BatchNormAuditError` misses.
+    __init__ = Exception.__init__
 
 
 def _silent_layers(
