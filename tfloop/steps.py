@@ -494,29 +494,50 @@ def make_train_step(
 
     Args:
       model: any `keras.Model`, built under `strategy.scope()` if distributed.
-      optimizer: a Keras 3 optimizer (it sums gradients across replicas).
-      loss_fn: `loss_fn(labels, logits)` returning *per-example* losses; the
-        step averages them over the global batch and adds `model.losses`.
-      strategy: a `tf.distribute.Strategy`; None means the current one.
+        float16 / bfloat16 mixed precision and float64 models train as well.
+      optimizer: a Keras 3 optimizer (it sums gradients across replicas). If
+        the model computes in float16 it is wrapped in a
+        `keras.mixed_precision.LossScaleOptimizer`, as `model.compile` does
+        (`step.optimizer` is then the wrapper: checkpoint that one); the step
+        scales the loss inside the tape (`optimizer.scale_loss`).
+      loss_fn: `loss_fn(labels, logits)` returning *per-example* losses (a
+        scalar is refused); logits reach it in float32. The step averages
+        them over the true global batch, however it splits over replicas,
+        and adds `model.losses`.
+      strategy: a `tf.distribute.Strategy`; None means the current one, or
+        else the one the model's variables were created under.
       bn_decay: decay of every BN moving average; None keeps each layer's
         `momentum`.
       bn_averaging: `debias` (default; the statistics equal the first batch's
         after one step and are unbiased after any number), `ramp` (TF's
-        `num_updates` schedule) or `plain` (stock Keras). See
+        `num_updates` schedule) or `plain` (stock Keras). Statistics that do
+        not equal the initializer's when a layer has never been updated
+        (restored, pretrained, from `model.fit`) count as a long history in
+        every mode: the first step keeps them with weight `decay`. See
         `tfloop.bn.averaging._effective_decay`.
       sync_bn: normalize with global-batch statistics in the forward pass
-        (one all-reduce per BN layer), for small per-replica batches. The
+        (one all-reduce per BN layer), for small per-replica batches; layers
+        built with `synchronized=True` get this whatever `sync_bn` says. The
         moving statistics are global-batch ones either way.
       bn_audit: `warn`, `error` or `off`: what to do when, on the first step,
         some BN layer reported no batch moments (so it would never learn).
+        The error is a `tfloop.bn.BatchNormAuditError`, also when raised
+        while a user's own `tf.function` traces `replica_fn`.
       gradient_transform: a function of the list of (gradient, variable)
-        pairs, applied to the all-reduced (global) gradients, e.g. clipping.
+        pairs, applied to the all-reduced (global), unscaled gradients, e.g.
+        clipping.
       own_bn: False leaves BN to Keras (stock behaviour: statistics assigned
         in `call`, per replica, with constant momentum). Only for comparisons
         and benchmarks; the `bn_*` and `sync_bn` arguments then do nothing.
 
+    Dataset elements are `(images, labels)` or `(images, labels,
+    sample_weight)`; labels may be sparse `(B,)`, `(B, 1)` or one-hot.
+
     Returns:
       A `TrainStep`; `step(element)` returns `loss`, `data_loss` and `top1`.
+      It traces again by itself when any layer's `trainable` changes or
+      `bn.freeze` is called; a trainer with its own `tf.function` around
+      `step.replica_fn` must check `step.needs_retrace`.
     """
     return TrainStep(
         model=model,
