@@ -10,7 +10,7 @@ defaults validates at >= 0.8 from the first epoch on.
 import dataclasses
 
 from tfloop.config import TrainConfig
-from tfloop.train import train
+from tfloop.runner import train
 
 CONFIG = TrainConfig(
     model="inception_v1",

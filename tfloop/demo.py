@@ -24,7 +24,7 @@ import os
 from absl import logging
 
 from tfloop.config import TrainConfig
-from tfloop.train import Validation, train
+from tfloop.runner import Validation, train
 
 VARIANTS = ("naive", "decay 0.99", "debiased", "tfloop")
 
