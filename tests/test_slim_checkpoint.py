@@ -72,6 +72,20 @@ def test_logits_after_loading_match_numpy(tmp_path):
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_loads_into_every_replica(tmp_path, mirrored):
+    with mirrored.scope():
+        model = tfloop.models.get("resnet_v1_small", num_classes=4)
+    tensors = slim_tensors("resnet_v1_small", model, np.random.default_rng(9))
+    prefix = write_slim_checkpoint(tmp_path / "ckpt", tensors)
+    tfloop.models.load_slim_checkpoint(model, prefix)
+    for v in model.weights:
+        name = next(n for n in tensors if tfloop_path(n) == v.path)
+        replicas = mirrored.experimental_local_results(v.value)
+        assert len(replicas) == 2
+        for value in replicas:
+            np.testing.assert_array_equal(value.numpy(), tensors[name], err_msg=name)
+
+
 def test_published_imagenet_checkpoint_and_excluded_logits(tmp_path):
     """Slim's Inception checkpoints have 1001 classes; fine-tuning excludes them."""
     full = tfloop.models.get("inception_v1", num_classes=1001)

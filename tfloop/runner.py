@@ -21,6 +21,7 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -218,7 +219,7 @@ class _Run:
         )
 
     @contextlib.contextmanager
-    def averaged(self):
+    def averaged(self) -> Iterator[None]:
         """With --moving_average_decay: the block sees the averaged weights.
 
         Validation inside recalibrates BN for them; the averaged model is then
