@@ -1,5 +1,9 @@
 """`tfloop.eval`: a checkpoint's numbers against numpy on the model's logits."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -89,3 +93,24 @@ def test_missing_or_mismatched_checkpoint_is_named(tmp_path):
         ValueError, match="does not fit `resnet_v1_small` with 6 classes"
     ):
         tfloop_eval.evaluate_checkpoint(config)
+
+
+def test_train_binary_mode_eval_prints_the_same_line(tmp_path):
+    """`tfloop-train --mode=eval` is the same evaluation as `tfloop-eval`."""
+    model = tfloop.models.get("resnet_v1_small", num_classes=4, image_size=32)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    expected = _numpy_metrics(model, TrainConfig(**CONFIG))
+    flags = [f"--{key}={value}" for key, value in CONFIG.items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "tfloop.train", "--mode=eval", *flags]
+        + [f"--checkpoint_path={path}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"precision @ 1 = {expected['top1']:.4f} val loss = {expected['loss']:.2f}"
+    ]
