@@ -19,7 +19,6 @@ variable needs its slim name, and exclusion scopes are slim's.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Iterable
 
@@ -104,7 +103,7 @@ def slim_name(scope: str, path: str) -> str:
 
 def _checkpoint_prefix(checkpoint_path: str) -> str:
     """A checkpoint file prefix, or the latest checkpoint of a directory."""
-    if os.path.isdir(checkpoint_path):
+    if tf.io.gfile.isdir(checkpoint_path):
         latest = tf.train.latest_checkpoint(checkpoint_path)
         if latest is None:
             raise ValueError(
@@ -112,9 +111,7 @@ def _checkpoint_prefix(checkpoint_path: str) -> str:
                 "checkpoint (no `checkpoint` index file)."
             )
         return latest
-    if not tf.io.gfile.glob(f"{checkpoint_path}.index") and not tf.io.gfile.exists(
-        checkpoint_path
-    ):
+    if not tf.io.gfile.exists(f"{checkpoint_path}.index"):
         raise ValueError(
             f"`checkpoint_path` {checkpoint_path!r} is neither a checkpoint "
             "prefix (no .index file) nor a directory."
