@@ -12,6 +12,8 @@ import tensorflow as tf
 from slim_reference import slim_tensors, tfloop_path, write_slim_checkpoint
 
 import tfloop
+from tfloop import runner
+from tfloop.config import TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
@@ -143,3 +145,32 @@ def test_slim_knobs_schedule_max_steps_and_averaged_export(tmp_path):
     _restore(raw, model_dir / "checkpoints")
     _restore(averaged, model_dir / "averaged")
     assert not np.array_equal(raw.weights[0].numpy(), averaged.weights[0].numpy())
+
+
+def test_run_wires_weight_decay_and_label_smoothing():
+    """In process: the run's model and loss carry the slim knobs' values."""
+    config = TrainConfig(
+        model="resnet_v1_small",
+        batch_size=8,
+        train_examples=16,
+        val_examples=8,
+        steps_per_epoch=1,
+        weight_decay=0.01,
+        label_smoothing=0.2,
+    )
+    run = runner._Run(config)
+    try:
+        model = run.model
+        # slim's l2_regularizer: weight_decay * sum(w ** 2) / 2 per conv kernel.
+        kernels = [v.numpy() for v in model.weights if v.path.endswith("/kernel")]
+        expected = (
+            0.01 * sum(float(np.sum(k.astype(np.float64) ** 2)) for k in kernels) / 2
+        )
+        assert float(sum(model.losses)) == pytest.approx(expected, rel=1e-5)
+        logits = np.array([[2.0, 0.0, -1.0, 0.5]], np.float32)
+        target = np.array([1 - 0.2 + 0.05, 0.05, 0.05, 0.05])
+        log_softmax = logits[0] - np.log(np.sum(np.exp(logits[0])))
+        loss = run.train_step.loss_fn(np.array([0]), logits)
+        assert float(loss[0]) == pytest.approx(-np.sum(target * log_softmax), rel=1e-5)
+    finally:
+        run.close()
