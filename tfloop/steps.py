@@ -92,15 +92,22 @@ def _as_tensors(*values):
     )
 
 
-def _per_example(loss_fn: LossFn, labels, logits) -> tf.Tensor:
-    """`loss_fn`'s per-example losses in float32, checked to be per example."""
+def _per_example(
+    loss_fn: LossFn, labels, logits, sample_weight: tf.Tensor | None = None
+) -> tf.Tensor:
+    """`loss_fn`'s per-example losses in float32, times `sample_weight` if given."""
     per_example = loss_fn(labels, tf.cast(logits, tf.float32))
     if per_example.shape.rank == 0:
         raise ValueError(
             "`loss_fn` returned a scalar; it must return per-example losses of "
             "shape (batch,), e.g. a Keras loss with `reduction=None`."
         )
-    return tf.cast(per_example, tf.float32)
+    per_example = tf.cast(per_example, tf.float32)
+    if sample_weight is None:
+        return per_example
+    weights = tf.cast(sample_weight, tf.float32)
+    shape = tf.concat([[-1], tf.ones([per_example.shape.rank - 1], tf.int32)], 0)
+    return per_example * tf.reshape(weights, shape)
 
 
 def _sum_over_replicas(
@@ -279,11 +286,7 @@ class TrainStep:
         collector = ownership._Collector(sync=self._sync_bn)
         with collector, tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example = _per_example(self.loss_fn, labels, logits)
-            if sample_weight is not None:
-                per_example = per_example * tf.reshape(
-                    tf.cast(sample_weight, tf.float32), tf.shape(per_example)[:1]
-                )
+            per_example = _per_example(self.loss_fn, labels, logits, sample_weight)
             # One all-reduce: every BN layer's moments and the example count.
             reported, (examples,) = averaging._collect(
                 self._owned, collector, [tf.shape(per_example)[0]]
@@ -577,12 +580,8 @@ class EvalStep:
         """
         images, labels, sample_weight = _as_tensors(images, labels, sample_weight)
         logits = self.model(images, training=False)
-        per_example = _per_example(self.loss_fn, labels, logits)
+        per_example = _per_example(self.loss_fn, labels, logits, sample_weight)
         correct, count = _correct_and_count(labels, logits, sample_weight)
-        if sample_weight is not None:
-            per_example = per_example * tf.reshape(
-                tf.cast(sample_weight, tf.float32), tf.shape(per_example)[:1]
-            )
         return {
             "loss_sum": tf.reduce_sum(per_example),
             "correct": correct,
