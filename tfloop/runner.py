@@ -25,15 +25,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn, data, distribute, models, steps
+from tfloop import bn, data, distribute, models, progress, steps, summaries
 from tfloop.config import TrainConfig
 from tfloop.optimize import optimize_loss
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
-# Validation with moving averages is called stale when its loss exceeds the
-# recalibrated one by more than this factor (and 0.05 in absolute terms).
-_STALE_RATIO = 1.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +45,7 @@ class Validation:
     train_top1: float  # Mean training accuracy of the epoch (nan before training).
 
 
-def _say(line: str) -> None:
-    """Prints one of the fixed log lines (stdout, unbuffered)."""
-    print(line, flush=True)
+_say = progress.say  # The fixed log lines; they wipe a terminal's progress bar.
 
 
 class _Run:
@@ -97,6 +91,8 @@ class _Run:
         )
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
+        # One validation batch on which BN health (staleness) is measured.
+        self.health_batch = next(iter(val_data))
         with self.strategy.scope():
             self.model = models.get(
                 config.model,
@@ -110,7 +106,11 @@ class _Run:
             learning_rate=config.learning_rate,
             optimizer=config.optimizer,
             strategy=self.strategy,
-            summaries=("loss", "learning_rate"),
+            summaries=(
+                ("loss", "learning_rate", "global_gradient_norm")
+                if config.model_dir
+                else ("loss", "learning_rate")
+            ),
             bn_averaging=config.bn_averaging,
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
@@ -153,6 +153,9 @@ class _Run:
     def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
         """Validation numbers you can trust: recalibrated BN, staleness reported."""
         moving = steps.evaluate(self.eval_step, self.val_data)
+        if self.config.model_dir and self.chief and bn.layers(self.model):
+            with self.writer.as_default(step=self.global_step):
+                summaries.bn_health(bn.staleness(self.model, self.health_batch))
         result = moving
         batches = self.config.bn_recalibrate_batches
         if batches and not self.config.stock_bn and bn.layers(self.model):
@@ -166,17 +169,12 @@ class _Run:
                 time.perf_counter() - start,
             )
             result = steps.evaluate(self.eval_step, self.val_data)
-            if moving["loss"] > max(
-                _STALE_RATIO * result["loss"], result["loss"] + 0.05
-            ):
-                _say(
-                    f"BN statistics were stale: val loss {moving['loss']:.2f} with "
-                    f"moving averages, {result['loss']:.2f} after recalibration"
-                )
+            stale = progress.stale_line(moving["loss"], result["loss"])
+            if stale:
+                _say(stale)
         _say(f"precision @ 1 = {result['top1']:.4f} val loss = {result['loss']:.2f}")
         with self.writer.as_default(step=self.global_step):
-            tf.summary.scalar("validation/loss", result["loss"])
-            tf.summary.scalar("validation/top1", result["top1"])
+            summaries.validation(moving=moving, recalibrated=result)
         return Validation(
             epoch=epoch,
             step=self.global_step,
@@ -192,15 +190,32 @@ class _Run:
         start = time.perf_counter()
         top1_sum = 0.0
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
+        bar = progress.EpochBar(
+            steps=self.steps_per_epoch,
+            batch_size=self.config.batch_size,
+            title=f"Epoch {epoch}/{self.config.epochs}",
+        )
+        window = (first_step - 1, start)  # Step and time of the last step line.
         with self.writer.as_default():
             for step in range(first_step, first_step + self.steps_per_epoch):
                 metrics = self.train_step(next(self.train_iterator))
                 top1_sum += metrics["top1"]  # Stays a tensor until the epoch ends.
+                bar.update(step - first_step + 1, metrics)
                 if step % self.config.log_every == 0:
                     _say(
                         f"step {step}, loss = {float(metrics['loss']):.2f}, "
                         f"training_acc = {float(metrics['top1']):.4f}"
                     )
+                    now = time.perf_counter()
+                    summaries.train(
+                        step=step,
+                        top1=float(metrics["top1"]),
+                        images_per_second=(step - window[0])
+                        * self.config.batch_size
+                        / (now - window[1]),
+                    )
+                    window = (step, now)
+        bar.close()
         seconds = time.perf_counter() - start
         images = self.steps_per_epoch * self.config.batch_size
         logging.info(
