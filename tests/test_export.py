@@ -128,3 +128,37 @@ def test_export_refuses_a_non_empty_directory_and_keeps_it(trained, tmp_path):
         export.export(model, str(tmp_path), image_size=SIZE)
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
     assert (tmp_path / "old.txt").read_text() == "earlier export"
+
+
+def test_binary_exports_the_model_it_validated_last(tmp_path):
+    export_dir = tmp_path / "export"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "tfloop.train", "--model=resnet_v1_small",
+            f"--image_size={SIZE}", "--batch_size=16", "--train_examples=64",
+            "--val_examples=48", "--steps_per_epoch=4", "--log_every=4",
+            "--bn_recalibrate_batches=2", "--epochs=1", f"--export_dir={export_dir}",
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr
+    top1, loss = re.findall(r"precision @ 1 = (\S+) val loss = (\S+)", result.stdout)[-1]
+    # The binary's validation split, raw, through the served signature.
+    images, labels = zip(*data.shapes("validation", num_examples=48, seed=0))
+    served = tf.saved_model.load(str(export_dir / "saved_model"))
+    probabilities = served.signatures["serving_default"](images=tf.stack(images))[
+        "probabilities"
+    ].numpy().astype(np.float64)
+    labels = np.array(labels)
+    assert f"{np.mean(probabilities.argmax(-1) == labels):.4f}" == top1
+    served_loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
+    assert abs(served_loss - float(loss)) <= 0.005 + 1e-4
+    # A second run refuses to overwrite the export, before training.
+    again = subprocess.run(
+        [sys.executable, "-m", "tfloop.train", f"--export_dir={export_dir}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert again.returncode != 0
+    assert repr(str(export_dir)) in again.stderr.strip().splitlines()[-1]
+    assert "early Validation Step" not in again.stdout

@@ -82,6 +82,17 @@ class _Serving(tf.Module):
         )
 
 
+def check_dir(export_dir: str) -> None:
+    """Raises ValueError unless `export_dir` is a new or an empty directory."""
+    if tf.io.gfile.exists(export_dir) and (
+        not tf.io.gfile.isdir(export_dir) or tf.io.gfile.listdir(export_dir)
+    ):
+        raise ValueError(
+            f"`export_dir` {export_dir!r} is not a new or empty directory; "
+            "an earlier export is never overwritten."
+        )
+
+
 def export(model: keras.Model, export_dir: str, *, image_size: int) -> dict[str, str]:
     """Writes `model` as a SavedModel and a `.keras` file under `export_dir`.
 
@@ -98,10 +109,7 @@ def export(model: keras.Model, export_dir: str, *, image_size: int) -> dict[str,
     """
     if image_size < 1:
         raise ValueError(f"`image_size` must be at least 1, got {image_size!r}.")
-    if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
-        raise ValueError(
-            f"`export_dir` {export_dir!r} is not empty; choose a new directory."
-        )
+    check_dir(export_dir)
     tf.io.gfile.makedirs(export_dir)
     paths = {
         "saved_model": os.path.join(export_dir, SAVED_MODEL),

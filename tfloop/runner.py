@@ -25,7 +25,17 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn, data, distribute, models, progress, steps, summaries
+from tfloop import (
+    bn,
+    data,
+    distribute,
+    export,
+    models,
+    plots,
+    progress,
+    steps,
+    summaries,
+)
 from tfloop.config import TrainConfig
 from tfloop.optimize import optimize_loss
 
@@ -231,6 +241,21 @@ class _Run:
         if self.manager is not None:
             self.manager.save(checkpoint_number=self.global_step)
 
+    def finish(self, results: list[Validation]) -> None:
+        """After the last validation: the accuracy picture and the export."""
+        if self.config.model_dir and self.chief:
+            path = f"{self.config.model_dir}/{plots.ACCURACY_FILE}"
+            plots.accuracy(results, path, title=self.config.model)
+        if self.config.export_dir:
+            # Every worker takes part in the save (as in checkpoints); only
+            # the chief's lands in `--export_dir`.
+            target = self.config.export_dir
+            if not self.chief:
+                target = tempfile.mkdtemp(prefix="tfloop_export_")
+            export.export(self.model, target, image_size=self.config.image_size)
+            if not self.chief:
+                shutil.rmtree(target, ignore_errors=True)
+
     def close(self) -> None:
         self.writer.close()
         if self._scratch:
@@ -247,6 +272,8 @@ def _count(dataset: tf.data.Dataset) -> int:
 
 def train(config: TrainConfig) -> list[Validation]:
     """Runs `config`: validation before training and after every epoch."""
+    if config.export_dir:
+        export.check_dir(config.export_dir)  # Before hours of training.
     run = _Run(config)
     try:
         # `epochs` counts from the start of training, resumed runs included.
@@ -258,6 +285,7 @@ def train(config: TrainConfig) -> list[Validation]:
             _say("Validation Step")
             results.append(run.validate(epoch, train_top1))
             run.save()  # After recalibration: checkpoints hold precise statistics.
+        run.finish(results)
         return results
     finally:
         run.close()
