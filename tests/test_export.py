@@ -56,8 +56,13 @@ def trained(tmp_path_factory):
     model = tfloop.models.get("resnet_v1_small", num_classes=4, image_size=SIZE)
     step = tfloop.make_train_step(model, keras.optimizers.Adam(1e-3), LOSS)
     train_data, _ = data.load(
-        "shapes", split="train", data_dir=None, image_size=SIZE, batch_size=16,
-        seed=0, num_examples=64,
+        "shapes",
+        split="train",
+        data_dir=None,
+        image_size=SIZE,
+        batch_size=16,
+        seed=0,
+        num_examples=64,
     )
     for element in train_data:
         step(element)
@@ -67,9 +72,7 @@ def trained(tmp_path_factory):
     return model, export_dir
 
 
-def test_fresh_process_without_tfloop_predicts_as_the_trained_model(
-    trained, tmp_path
-):
+def test_fresh_process_without_tfloop_predicts_as_the_trained_model(trained, tmp_path):
     model, export_dir = trained
     images, _ = _raw_images(6)
     # The trained model's predictions, through the validation pipeline.
@@ -77,7 +80,10 @@ def test_fresh_process_without_tfloop_predicts_as_the_trained_model(
         iter(
             data.batches(
                 tf.data.Dataset.from_tensor_slices((images, np.zeros(6, np.int32))),
-                image_size=SIZE, batch_size=6, train=False, seed=0,
+                image_size=SIZE,
+                batch_size=6,
+                train=False,
+                seed=0,
             )
         )
     )[0].numpy()
@@ -87,7 +93,11 @@ def test_fresh_process_without_tfloop_predicts_as_the_trained_model(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-c", _SERVE, export_dir, str(inputs), str(outputs)],
-        capture_output=True, text=True, timeout=300, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
         cwd=tmp_path,  # Not the repository: `import tfloop` would fail there.
     )
     assert result.returncode == 0, result.stderr
@@ -134,22 +144,38 @@ def test_binary_exports_the_model_it_validated_last(tmp_path):
     export_dir = tmp_path / "export"
     result = subprocess.run(
         [
-            sys.executable, "-m", "tfloop.train", "--model=resnet_v1_small",
-            f"--image_size={SIZE}", "--batch_size=16", "--train_examples=64",
-            "--val_examples=48", "--steps_per_epoch=4", "--log_every=4",
-            "--bn_recalibrate_batches=2", "--epochs=1", f"--export_dir={export_dir}",
+            sys.executable,
+            "-m",
+            "tfloop.train",
+            "--model=resnet_v1_small",
+            f"--image_size={SIZE}",
+            "--batch_size=16",
+            "--train_examples=64",
+            "--val_examples=48",
+            "--steps_per_epoch=4",
+            "--log_every=4",
+            "--bn_recalibrate_batches=2",
+            "--epochs=1",
+            f"--export_dir={export_dir}",
         ],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
     )
     assert result.returncode == 0, result.stderr
-    top1, loss = re.findall(r"precision @ 1 = (\S+) val loss = (\S+)", result.stdout)[-1]
+    top1, loss = re.findall(r"precision @ 1 = (\S+) val loss = (\S+)", result.stdout)[
+        -1
+    ]
     # The binary's validation split, raw, through the served signature.
     images, labels = zip(*data.shapes("validation", num_examples=48, seed=0))
     served = tf.saved_model.load(str(export_dir / "saved_model"))
-    probabilities = served.signatures["serving_default"](images=tf.stack(images))[
-        "probabilities"
-    ].numpy().astype(np.float64)
+    probabilities = (
+        served.signatures["serving_default"](images=tf.stack(images))["probabilities"]
+        .numpy()
+        .astype(np.float64)
+    )
     labels = np.array(labels)
     assert f"{np.mean(probabilities.argmax(-1) == labels):.4f}" == top1
     served_loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
@@ -157,7 +183,10 @@ def test_binary_exports_the_model_it_validated_last(tmp_path):
     # A second run refuses to overwrite the export, before training.
     again = subprocess.run(
         [sys.executable, "-m", "tfloop.train", f"--export_dir={export_dir}"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert again.returncode != 0
     assert repr(str(export_dir)) in again.stderr.strip().splitlines()[-1]

@@ -31,6 +31,8 @@ def test_flagfile_parses_and_builds(path, tmp_path):
     assert config.dataset == ("folder" if path.stem.endswith("_folder") else "shapes")
     # Builds at its image size (below a model's minimum this raises).
     models.get(
-        config.model, num_classes=4, image_size=config.image_size,
+        config.model,
+        num_classes=4,
+        image_size=config.image_size,
         bn_decay=config.bn_decay,
     )

@@ -19,7 +19,9 @@ def _model(momentum=0.9, conv_bias=0.0):
         [
             keras.Input((SIZE, SIZE, 3)),
             keras.layers.Conv2D(
-                6, 3, bias_initializer=keras.initializers.Constant(conv_bias),
+                6,
+                3,
+                bias_initializer=keras.initializers.Constant(conv_bias),
                 name="conv",
             ),
             keras.layers.BatchNormalization(momentum=momentum, name="bn"),
@@ -32,8 +34,14 @@ def _model(momentum=0.9, conv_bias=0.0):
 
 def _data(split, count, batch_size):
     dataset, _ = tfloop.data.load(
-        "shapes", split=split, data_dir=None, image_size=SIZE, batch_size=batch_size,
-        seed=0, num_examples=count, augment=False,
+        "shapes",
+        split=split,
+        data_dir=None,
+        image_size=SIZE,
+        batch_size=batch_size,
+        seed=0,
+        num_examples=count,
+        augment=False,
     )
     return dataset.cache()
 
@@ -112,7 +120,10 @@ def test_precise_bn_recalibrates_before_validation_in_fit(capsys):
     model = _model(momentum=0.999, conv_bias=3.0)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, jit_compile=False)
     history = model.fit(
-        train_data, epochs=1, verbose=0, validation_data=val_data,
+        train_data,
+        epochs=1,
+        verbose=0,
+        validation_data=val_data,
         callbacks=[
             tfloop.keras.PreciseBN(calib, num_batches=2, validation_data=val_data)
         ],
@@ -122,7 +133,9 @@ def test_precise_bn_recalibrates_before_validation_in_fit(capsys):
     conv = keras.Model(model.inputs, model.get_layer("conv").output)
     inputs = np.concatenate([conv(x).numpy() for x, _ in calib]).astype(np.float64)
     bn = model.get_layer("bn")
-    np.testing.assert_allclose(bn.moving_mean.numpy(), inputs.mean((0, 1, 2)), atol=1e-5)
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(), inputs.mean((0, 1, 2)), atol=1e-5
+    )
     np.testing.assert_allclose(
         bn.moving_variance.numpy(), inputs.var((0, 1, 2)), rtol=1e-4
     )

@@ -67,9 +67,11 @@ def test_no_bar_when_stdout_is_not_a_terminal(monkeypatch):
 def test_stale_line_rule(moving, recalibrated, stale):
     line = progress.stale_line(moving, recalibrated)
     # Written out: over 1.2 times and 0.05 more than the recalibrated loss.
-    assert (line is not None) == (
-        moving > 1.2 * recalibrated and moving > recalibrated + 0.05
-    ) == stale
+    assert (
+        (line is not None)
+        == (moving > 1.2 * recalibrated and moving > recalibrated + 0.05)
+        == stale
+    )
     if stale:
         assert line == (
             f"BN statistics were stale: val loss {moving:.2f} with moving "
@@ -81,12 +83,22 @@ def test_binary_on_a_terminal_draws_bars_and_keeps_slim_lines(tmp_path):
     primary, secondary = pty.openpty()
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "tfloop.train", "--model=resnet_v1_small",
-            "--image_size=32", "--batch_size=16", "--train_examples=64",
-            "--val_examples=32", "--steps_per_epoch=4", "--log_every=2",
-            "--bn_recalibrate_batches=1", "--epochs=1",
+            sys.executable,
+            "-m",
+            "tfloop.train",
+            "--model=resnet_v1_small",
+            "--image_size=32",
+            "--batch_size=16",
+            "--train_examples=64",
+            "--val_examples=32",
+            "--steps_per_epoch=4",
+            "--log_every=2",
+            "--bn_recalibrate_batches=1",
+            "--epochs=1",
         ],
-        stdout=secondary, stderr=subprocess.DEVNULL, cwd=os.getcwd(),
+        stdout=secondary,
+        stderr=subprocess.DEVNULL,
+        cwd=os.getcwd(),
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     os.close(secondary)
@@ -103,7 +115,8 @@ def test_binary_on_a_terminal_draws_bars_and_keeps_slim_lines(tmp_path):
     assert process.wait(timeout=300) == 0
     shown = _shown(b"".join(chunks).decode().replace("\r\n", "\n"))
     slim = [
-        line for line in shown
+        line
+        for line in shown
         if SLIM_STEP.match(line)
         or line in ("early Validation Step", "Validation Step")
         or line.startswith("precision @ 1 = ")

@@ -42,7 +42,9 @@ def test_bn_health_histograms_and_worst_layer(tmp_path):
     np.testing.assert_allclose(
         values["bn_health/worst_log_variance_ratio"][0][1], ratios.max()
     )
-    assert values["bn_health/worst_layer"][0][1] == f"model/bn_{shifts.argmax()}".encode()
+    assert (
+        values["bn_health/worst_layer"][0][1] == f"model/bn_{shifts.argmax()}".encode()
+    )
     # Histogram buckets: (left, right, count); all 7 layers counted.
     buckets = values["bn_health/mean_shift"][0][1]
     assert buckets[:, 2].sum() == 7
@@ -54,12 +56,24 @@ def test_binary_writes_every_curve(tmp_path):
     model_dir = tmp_path / "run"
     result = subprocess.run(
         [
-            sys.executable, "-m", "tfloop.train", "--model=resnet_v1_small",
-            "--image_size=32", "--batch_size=16", "--train_examples=64",
-            "--val_examples=32", "--steps_per_epoch=4", "--log_every=2",
-            "--bn_recalibrate_batches=2", "--epochs=2", f"--model_dir={model_dir}",
+            sys.executable,
+            "-m",
+            "tfloop.train",
+            "--model=resnet_v1_small",
+            "--image_size=32",
+            "--batch_size=16",
+            "--train_examples=64",
+            "--val_examples=32",
+            "--steps_per_epoch=4",
+            "--log_every=2",
+            "--bn_recalibrate_batches=2",
+            "--epochs=2",
+            f"--model_dir={model_dir}",
         ],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
     )
     assert result.returncode == 0, result.stderr

@@ -6,21 +6,7 @@ import keras
 import tensorflow as tf
 
 from tfloop import steps
-
-
-def _global_sums(outputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Sums a replica's step outputs over all replicas (one all-reduce).
-
-    In replica context every replica gets the global values. Keras reduces
-    what `train_step` returns with a MEAN over replicas, so only values that
-    are already global come out right.
-    """
-    keys = sorted(outputs)
-    stacked = tf.stack([tf.cast(outputs[key], tf.float32) for key in keys])
-    context = tf.distribute.get_replica_context()
-    if context is not None and context.num_replicas_in_sync > 1:
-        stacked = context.all_reduce(tf.distribute.ReduceOp.SUM, stacked)
-    return dict(zip(keys, tf.unstack(stacked)))
+from tfloop._replicas import sum_over_replicas
 
 
 class FitModel(keras.Model):
@@ -48,7 +34,9 @@ class FitModel(keras.Model):
         `bn_averaging`, `sync_bn`, `bn_audit`, `gradient_transform`).
     """
 
-    def __init__(self, model: keras.Model, *, loss_fn: steps.LossFn, **train_step_options):
+    def __init__(
+        self, model: keras.Model, *, loss_fn: steps.LossFn, **train_step_options
+    ):
         super().__init__(name=f"fit_{model.name}")
         self.wrapped = model
         self._loss_fn = loss_fn
@@ -95,18 +83,26 @@ class FitModel(keras.Model):
         return images, labels
 
     def _logs(self, loss, loss_weight, correct, count) -> dict[str, tf.Tensor]:
-        """Accumulates global values (identical on every replica) into the logs."""
+        """Accumulates global values (identical on every replica) into the logs.
+
+        Keras reduces what `train_step` returns with a MEAN over replicas, so
+        only values that are already global come out right.
+        """
         self._loss_metric.update_state(loss, sample_weight=loss_weight)
         self._top1_metric.update_state(correct / count, sample_weight=count)
         return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, data) -> dict[str, tf.Tensor]:
-        totals = _global_sums(self._tfloop_train_step.replica_fn(*self._unpack(data)))
+        totals = sum_over_replicas(
+            self._tfloop_train_step.replica_fn(*self._unpack(data))
+        )
         # Logged loss: the mean over the epoch's steps, as Keras does.
         return self._logs(totals["loss"], 1.0, totals["correct"], totals["count"])
 
     def test_step(self, data) -> dict[str, tf.Tensor]:
-        totals = _global_sums(self._tfloop_eval_step.replica_fn(*self._unpack(data)))
+        totals = sum_over_replicas(
+            self._tfloop_eval_step.replica_fn(*self._unpack(data))
+        )
         # Per example over the whole set: a last partial batch weighs less.
         count = totals["count"]
         return self._logs(totals["loss_sum"] / count, count, totals["correct"], count)
