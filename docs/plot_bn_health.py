@@ -4,7 +4,7 @@
 
 Per run: the worst layer's mean shift (`bn_health/worst_mean_shift`: moving
 mean vs a validation batch's mean, in batch standard deviations) and the
-validation loss with the moving averages and after recalibration, against
+validation loss with the moving averages (`validation/moving_loss`), against
 the training step. `docs/bn_health.png` in the README was made by the
 commands in `docs/bn_health.md`.
 """
@@ -45,14 +45,7 @@ def main(out, *runs):
             *scalars["validation/moving_loss"],
             marker="o",
             color=line.get_color(),
-            label=f"{label}: moving averages",
-        )
-        loss_axes.plot(
-            *scalars["validation/loss"],
-            marker="^",
-            linestyle="--",
-            color=line.get_color(),
-            label=f"{label}: recalibrated",
+            label=label,
         )
     shift_axes.set_yscale("log")
     shift_axes.set_xlabel("training step")
@@ -61,9 +54,9 @@ def main(out, *runs):
     shift_axes.legend()
     loss_axes.set_yscale("log")
     loss_axes.set_xlabel("training step")
-    loss_axes.set_ylabel("validation loss")
-    loss_axes.set_title("validation/moving_loss vs validation/loss")
-    loss_axes.legend(fontsize="small")
+    loss_axes.set_ylabel("validation loss with the moving averages")
+    loss_axes.set_title("validation/moving_loss")
+    loss_axes.legend()
     figure.tight_layout()
     figure.savefig(out, dpi=100)
 

@@ -210,7 +210,6 @@ class _Run:
             for step in range(first_step, first_step + self.steps_per_epoch):
                 metrics = self.train_step(next(self.train_iterator))
                 top1_sum += metrics["top1"]  # Stays a tensor until the epoch ends.
-                bar.update(step - first_step + 1, metrics)
                 if step % self.config.log_every == 0:
                     _say(
                         f"step {step}, loss = {float(metrics['loss']):.2f}, "
@@ -225,6 +224,7 @@ class _Run:
                         / (now - window[1]),
                     )
                     window = (step, now)
+                bar.update(step - first_step + 1, metrics)
         bar.close()
         seconds = time.perf_counter() - start
         images = self.steps_per_epoch * self.config.batch_size
