@@ -2,10 +2,10 @@
 
     python docs/plot_bn_health.py OUT.png LABEL=MODEL_DIR [LABEL=MODEL_DIR ...]
 
-Per run: the worst layer's mean shift (`bn_health/worst_mean_shift`: moving
-mean vs a validation batch's mean, in batch standard deviations) and the
-validation loss with the moving averages (`validation/moving_loss`), against
-the training step. `docs/bn_health.png` in the README was made by the
+Per run, against the training step: the worst layer's mean shift
+(`bn_health/worst_mean_shift`: moving mean vs a validation batch's mean, in
+batch standard deviations) and |log variance ratio|
+(`bn_health/worst_log_variance_ratio`). `docs/bn_health.png` in the README was made by the
 commands in `docs/bn_health.md`.
 """
 
@@ -34,15 +34,15 @@ def _scalars(model_dir):
 
 
 def main(out, *runs):
-    figure, (shift_axes, loss_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
+    figure, (shift_axes, ratio_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
     for run in runs:
         label, model_dir = run.split("=", 1)
         scalars = _scalars(model_dir)
         line = shift_axes.plot(
             *scalars["bn_health/worst_mean_shift"], marker="o", label=label
         )[0]
-        loss_axes.plot(
-            *scalars["validation/moving_loss"],
+        ratio_axes.plot(
+            *scalars["bn_health/worst_log_variance_ratio"],
             marker="o",
             color=line.get_color(),
             label=label,
@@ -50,13 +50,13 @@ def main(out, *runs):
     shift_axes.set_yscale("log")
     shift_axes.set_xlabel("training step")
     shift_axes.set_ylabel("worst BN layer: mean shift (batch std)")
-    shift_axes.set_title("BN health (tfloop's bn_health/*)")
+    shift_axes.set_title("bn_health/worst_mean_shift")
     shift_axes.legend()
-    loss_axes.set_yscale("log")
-    loss_axes.set_xlabel("training step")
-    loss_axes.set_ylabel("validation loss with the moving averages")
-    loss_axes.set_title("validation/moving_loss")
-    loss_axes.legend()
+    ratio_axes.set_yscale("log")
+    ratio_axes.set_xlabel("training step")
+    ratio_axes.set_ylabel("worst BN layer: |log variance ratio|")
+    ratio_axes.set_title("bn_health/worst_log_variance_ratio")
+    ratio_axes.legend()
     figure.tight_layout()
     figure.savefig(out, dpi=100)
 
