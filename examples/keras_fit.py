@@ -10,6 +10,7 @@ on both replicas (stock Keras keeps per-replica copies and checkpoints replica
 `BN statistics were stale: ...` line when the moving averages lagged.
 """
 
+import common
 import keras
 from absl import app, flags
 
@@ -17,39 +18,16 @@ import tfloop
 from tfloop import distribute
 
 flags.DEFINE_integer("epochs", 3, "Epochs.")
-flags.DEFINE_integer("image_size", 32, "Input height and width.")
-flags.DEFINE_integer("num_examples", 4096, "Size of the train split (1/8 validation).")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 FLAGS = flags.FLAGS
 
 
 def main(_):
     strategy = distribute.make_strategy("mirrored", num_cpu_devices=2)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None
-    )
-    load = {
-        "data_dir": None,
-        "image_size": FLAGS.image_size,
-        "batch_size": FLAGS.batch_size,
-        "seed": 0,
-    }
-    train, val = FLAGS.num_examples, max(1, FLAGS.num_examples // 8)
-    train_data, _ = tfloop.data.load(
-        "shapes", split="train", num_examples=train, **load
-    )
-    calib_data, _ = tfloop.data.load(
-        "shapes", split="train", num_examples=train, augment=False, **load
-    )
-    val_data, _ = tfloop.data.load(
-        "shapes", split="validation", num_examples=val, **load
-    )
+    train_data, calib_data, val_data = common.datasets()
 
     with strategy.scope():
-        model = tfloop.models.get(
-            "resnet_v1_small", num_classes=4, image_size=FLAGS.image_size
-        )
-        fit_model = tfloop.keras.FitModel(model, loss_fn=loss_fn)
+        model = common.model()
+        fit_model = tfloop.keras.FitModel(model, loss_fn=common.LOSS)
         fit_model.compile(optimizer=keras.optimizers.Adam(1e-3))
     history = fit_model.fit(
         train_data,

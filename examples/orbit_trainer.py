@@ -12,6 +12,7 @@ identical on every replica) and a precise-BN recalibration in
 `eval_begin`, so every evaluation describes the current weights.
 """
 
+import common
 import keras
 import orbit
 import tensorflow as tf
@@ -24,9 +25,6 @@ from tfloop._replicas import sum_over_replicas  # Soon: tfloop.reduce_metrics.
 flags.DEFINE_integer("train_steps", 200, "Optimizer steps.")
 flags.DEFINE_integer("steps_per_loop", 50, "Steps per tf.function call.")
 flags.DEFINE_integer("eval_interval", 100, "Steps between evaluations.")
-flags.DEFINE_integer("image_size", 32, "Input height and width.")
-flags.DEFINE_integer("num_examples", 4096, "Size of the train split (1/8 validation).")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 FLAGS = flags.FLAGS
 
 
@@ -104,32 +102,12 @@ class Evaluator(orbit.StandardEvaluator):
 
 def main(_):
     strategy = distribute.make_strategy("mirrored", num_cpu_devices=2)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None
-    )
     with strategy.scope():
-        model = tfloop.models.get(
-            "resnet_v1_small", num_classes=4, image_size=FLAGS.image_size
-        )
+        model = common.model()
         optimizer = keras.optimizers.Adam(1e-3)
-    step = tfloop.make_train_step(model, optimizer, loss_fn, strategy=strategy)
-    eval_step = tfloop.make_eval_step(model, loss_fn, strategy=strategy)
-    load = {
-        "data_dir": None,
-        "image_size": FLAGS.image_size,
-        "batch_size": FLAGS.batch_size,
-        "seed": 0,
-    }
-    train, val = FLAGS.num_examples, max(1, FLAGS.num_examples // 8)
-    train_data, _ = tfloop.data.load(
-        "shapes", split="train", num_examples=train, **load
-    )
-    calib_data, _ = tfloop.data.load(
-        "shapes", split="train", num_examples=train, augment=False, **load
-    )
-    val_data, _ = tfloop.data.load(
-        "shapes", split="validation", num_examples=val, **load
-    )
+    step = tfloop.make_train_step(model, optimizer, common.LOSS, strategy=strategy)
+    eval_step = tfloop.make_eval_step(model, common.LOSS, strategy=strategy)
+    train_data, calib_data, val_data = common.datasets()
 
     evaluator = Evaluator(strategy, eval_step, val_data, calib_data)
     controller = orbit.Controller(

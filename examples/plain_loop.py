@@ -8,43 +8,21 @@ recalibration, and `tfloop.bn.staleness` says how stale the moving averages
 were.
 """
 
+import common
 import keras
 from absl import app, flags
 
 import tfloop
 
 flags.DEFINE_integer("train_steps", 200, "Optimizer steps.")
-flags.DEFINE_integer("image_size", 32, "Input height and width.")
-flags.DEFINE_integer("num_examples", 4096, "Size of the train split (1/8 validation).")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
 FLAGS = flags.FLAGS
 
 
 def main(_):
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None
-    )
-    model = tfloop.models.get(
-        "resnet_v1_small", num_classes=4, image_size=FLAGS.image_size
-    )
-    step = tfloop.make_train_step(model, keras.optimizers.Adam(1e-3), loss_fn)
-    eval_step = tfloop.make_eval_step(model, loss_fn)
-    load = {
-        "data_dir": None,
-        "image_size": FLAGS.image_size,
-        "batch_size": FLAGS.batch_size,
-        "seed": 0,
-    }
-    train, val = FLAGS.num_examples, max(1, FLAGS.num_examples // 8)
-    train_data, _ = tfloop.data.load(
-        "shapes", split="train", num_examples=train, **load
-    )
-    calib_data, _ = tfloop.data.load(
-        "shapes", split="train", num_examples=train, augment=False, **load
-    )
-    val_data, _ = tfloop.data.load(
-        "shapes", split="validation", num_examples=val, **load
-    )
+    model = common.model()
+    step = tfloop.make_train_step(model, keras.optimizers.Adam(1e-3), common.LOSS)
+    eval_step = tfloop.make_eval_step(model, common.LOSS)
+    train_data, calib_data, val_data = common.datasets()
 
     for images, labels in train_data.repeat().take(FLAGS.train_steps):
         metrics = step((images, labels))

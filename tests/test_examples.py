@@ -1,10 +1,10 @@
 """The examples in `examples/` run as written, at tiny size."""
 
-import os
 import pathlib
 import re
-import subprocess
 import sys
+
+import binary
 
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 TINY = ["--image_size=32", "--batch_size=16", "--num_examples=64"]
@@ -12,15 +12,7 @@ FINAL = re.compile(r"^precision @ 1 = [01]\.\d{4} val loss = \d+\.\d{2}$", re.MU
 
 
 def _run(name, *args):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *TINY, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = binary.run_command([sys.executable, str(EXAMPLES / name), *TINY, *args])
     assert len(FINAL.findall(result.stdout)) == 1, result.stdout
     return result.stdout
 

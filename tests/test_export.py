@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import binary
 import keras
 import numpy as np
 import pytest
@@ -142,29 +143,7 @@ def test_export_refuses_a_non_empty_directory_and_keeps_it(trained, tmp_path):
 
 def test_binary_exports_the_model_it_validated_last(tmp_path):
     export_dir = tmp_path / "export"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tfloop.train",
-            "--model=resnet_v1_small",
-            f"--image_size={SIZE}",
-            "--batch_size=16",
-            "--train_examples=64",
-            "--val_examples=48",
-            "--steps_per_epoch=4",
-            "--log_every=4",
-            "--bn_recalibrate_batches=2",
-            "--epochs=1",
-            f"--export_dir={export_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stderr
+    result = binary.run(val_examples=48, log_every=4, export_dir=export_dir)
     top1, loss = re.findall(r"precision @ 1 = (\S+) val loss = (\S+)", result.stdout)[
         -1
     ]

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import binary
 import pytest
 
 from tfloop import progress
@@ -82,20 +83,7 @@ def test_stale_line_rule(moving, recalibrated, stale):
 def test_binary_on_a_terminal_draws_bars_and_keeps_slim_lines(tmp_path):
     primary, secondary = pty.openpty()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tfloop.train",
-            "--model=resnet_v1_small",
-            "--image_size=32",
-            "--batch_size=16",
-            "--train_examples=64",
-            "--val_examples=32",
-            "--steps_per_epoch=4",
-            "--log_every=2",
-            "--bn_recalibrate_batches=1",
-            "--epochs=1",
-        ],
+        binary.command(bn_recalibrate_batches=1),
         stdout=secondary,
         stderr=subprocess.DEVNULL,
         cwd=os.getcwd(),

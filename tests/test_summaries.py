@@ -1,11 +1,9 @@
 """TensorBoard summaries: read back from the event files."""
 
 import collections
-import os
 import re
-import subprocess
-import sys
 
+import binary
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -54,29 +52,7 @@ def test_bn_health_histograms_and_worst_layer(tmp_path):
 
 def test_binary_writes_every_curve(tmp_path):
     model_dir = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tfloop.train",
-            "--model=resnet_v1_small",
-            "--image_size=32",
-            "--batch_size=16",
-            "--train_examples=64",
-            "--val_examples=32",
-            "--steps_per_epoch=4",
-            "--log_every=2",
-            "--bn_recalibrate_batches=2",
-            "--epochs=2",
-            f"--model_dir={model_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stderr
+    result = binary.run(epochs=2, model_dir=model_dir)
     assert "\x1b" not in result.stdout and "━" not in result.stdout  # No bar.
     values = _events(model_dir / "summaries")
     printed = re.findall(r"precision @ 1 = (\S+) val loss = (\S+)", result.stdout)
