@@ -7,9 +7,10 @@ Public API (see the README):
   bn                                          BN statistics: layers, state,
                                               recalibrate, staleness, freeze
   models, data, compat                        slim's nets, inputs, TF1 graphs
+  keras                                       for model.fit: PreciseBN, FitModel
 """
 
-from tfloop import bn, compat, data, models
+from tfloop import bn, compat, data, keras, models
 from tfloop.optimize import optimize_loss
 from tfloop.steps import (
     EvalStep,
@@ -27,6 +28,7 @@ __all__ = [
     "compat",
     "data",
     "evaluate",
+    "keras",
     "make_eval_step",
     "make_train_step",
     "models",

@@ -34,6 +34,8 @@ class TrainConfig:
     model_dir: str | None = None
     seed: int = 0
     log_every: int = 50
+    # Issue 11: SavedModel and .keras file after the final recalibration.
+    export_dir: str | None = None
     # Not a flag: leave BN to stock Keras (the naive loop), for comparisons.
     stock_bn: bool = False
     # Slim's train_image_classifier.py flags (README: "Coming from slim").

@@ -21,8 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import logging
-
+from tfloop import plots
 from tfloop.config import TrainConfig
 from tfloop.runner import Validation, train
 
@@ -58,16 +57,11 @@ def table(results: dict[str, list[Validation]]) -> str:
 
 
 def _plot(results: dict[str, list[Validation]], path: str, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot, ticker
-    except ImportError:
-        logging.warning(
-            "matplotlib is not installed: no %s (pip install tfloop[plot])", path
-        )
+    pyplot = plots.pyplot(path)
+    if pyplot is None:
         return False
+    from matplotlib import ticker
+
     figure, axes = pyplot.subplots(figsize=(6, 4))
     for name, rows in results.items():
         axes.plot(

@@ -79,6 +79,19 @@ flags.DEFINE_bool(
     "compare_bn", False, "Run naive, decay-0.99 and tfloop's BN; write a PNG and table."
 )
 
+# Issue 11: export.
+flags.DEFINE_string(
+    "export_dir",
+    None,
+    "After the final recalibration, write a SavedModel (serving signatures with "
+    "preprocessing) and a .keras file here; must be new or empty.",
+)
+flags.register_multi_flags_validator(
+    ["export_dir", "compare_bn"],
+    lambda f: not (f["export_dir"] and f["compare_bn"]),
+    message="--export_dir does not apply to --compare_bn (four runs, no one model).",
+)
+
 flags.register_validator(
     "bn_decay",
     lambda value: value is None or 0.0 <= value < 1.0,

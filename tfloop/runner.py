@@ -27,15 +27,24 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn, data, distribute, ema, losses, models, optimizers, steps
+from tfloop import (
+    bn,
+    data,
+    distribute,
+    ema,
+    export,
+    losses,
+    models,
+    optimizers,
+    plots,
+    progress,
+    steps,
+    summaries,
+)
 from tfloop.config import TrainConfig
 from tfloop.optimize import optimize_loss
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
-# Validation with moving averages is called stale when its loss exceeds the
-# recalibrated one by more than this factor (and 0.05 in absolute terms).
-_STALE_RATIO = 1.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +60,7 @@ class Validation:
     train_top1: float  # Mean training accuracy of the epoch (nan before training).
 
 
-def _say(line: str) -> None:
-    """Prints one of the fixed log lines (stdout, unbuffered)."""
-    print(line, flush=True)
+_say = progress.say  # The fixed log lines; they wipe a terminal's progress bar.
 
 
 class _Run:
@@ -99,6 +106,8 @@ class _Run:
         )
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
+        # One validation batch on which BN health (staleness) is measured.
+        self.health_batch = next(iter(val_data))
         with self.strategy.scope():
             self.model = models.get(
                 config.model,
@@ -118,7 +127,11 @@ class _Run:
                 config, steps_per_epoch=self.steps_per_epoch, strategy=self.strategy
             ),
             strategy=self.strategy,
-            summaries=("loss", "learning_rate"),
+            summaries=(
+                ("loss", "learning_rate", "global_gradient_norm")
+                if config.model_dir
+                else ("loss", "learning_rate")
+            ),
             bn_averaging=config.bn_averaging,
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
@@ -184,6 +197,9 @@ class _Run:
     def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
         """Validation numbers you can trust: recalibrated BN, staleness reported."""
         moving = steps.evaluate(self.eval_step, self.val_data)
+        if self.config.model_dir and self.chief and bn.layers(self.model):
+            with self.writer.as_default(step=self.global_step):
+                summaries.bn_health(bn.staleness(self.model, self.health_batch))
         result = moving
         batches = self.config.bn_recalibrate_batches
         if batches and not self.config.stock_bn and bn.layers(self.model):
@@ -197,17 +213,12 @@ class _Run:
                 time.perf_counter() - start,
             )
             result = steps.evaluate(self.eval_step, self.val_data)
-            if moving["loss"] > max(
-                _STALE_RATIO * result["loss"], result["loss"] + 0.05
-            ):
-                _say(
-                    f"BN statistics were stale: val loss {moving['loss']:.2f} with "
-                    f"moving averages, {result['loss']:.2f} after recalibration"
-                )
+            stale = progress.stale_line(moving["loss"], result["loss"])
+            if stale:
+                _say(stale)
         _say(f"precision @ 1 = {result['top1']:.4f} val loss = {result['loss']:.2f}")
         with self.writer.as_default(step=self.global_step):
-            tf.summary.scalar("validation/loss", result["loss"])
-            tf.summary.scalar("validation/top1", result["top1"])
+            summaries.validation(moving=moving, recalibrated=result)
         return Validation(
             epoch=epoch,
             step=self.global_step,
@@ -248,6 +259,12 @@ class _Run:
         end = first_step + self.steps_per_epoch
         if self.config.max_number_of_steps:
             end = min(end, self.config.max_number_of_steps + 1)
+        bar = progress.EpochBar(
+            steps=end - first_step,
+            batch_size=self.config.batch_size,
+            title=f"Epoch {epoch}/{self.config.epochs}",
+        )
+        window = (first_step - 1, start)  # Step and time of the last step line.
         with self.writer.as_default():
             for step in range(first_step, end):
                 metrics = self.train_step(next(self.train_iterator))
@@ -257,6 +274,17 @@ class _Run:
                         f"step {step}, loss = {float(metrics['loss']):.2f}, "
                         f"training_acc = {float(metrics['top1']):.4f}"
                     )
+                    now = time.perf_counter()
+                    summaries.train(
+                        step=step,
+                        top1=float(metrics["top1"]),
+                        images_per_second=(step - window[0])
+                        * self.config.batch_size
+                        / (now - window[1]),
+                    )
+                    window = (step, now)
+                bar.update(step - first_step + 1, metrics)
+        bar.close()
         seconds = time.perf_counter() - start
         num_steps = max(1, end - first_step)
         images = num_steps * self.config.batch_size
@@ -272,6 +300,21 @@ class _Run:
     def save(self) -> None:
         if self.manager is not None:
             self.manager.save(checkpoint_number=self.global_step)
+
+    def finish(self, results: list[Validation]) -> None:
+        """After the last validation: the accuracy picture and the export."""
+        if self.config.model_dir and self.chief:
+            path = f"{self.config.model_dir}/{plots.ACCURACY_FILE}"
+            plots.accuracy(results, path, title=self.config.model)
+        if self.config.export_dir:
+            # Every worker takes part in the save (as in checkpoints); only
+            # the chief's lands in `--export_dir`.
+            target = self.config.export_dir
+            if not self.chief:
+                target = tempfile.mkdtemp(prefix="tfloop_export_")
+            export.export(self.model, target, image_size=self.config.image_size)
+            if not self.chief:
+                shutil.rmtree(target, ignore_errors=True)
 
     def close(self) -> None:
         self.writer.close()
@@ -294,6 +337,8 @@ def _count(dataset: tf.data.Dataset) -> int:
 
 def train(config: TrainConfig) -> list[Validation]:
     """Runs `config`: validation before training and after every epoch."""
+    if config.export_dir:
+        export.check_dir(config.export_dir)  # Before hours of training.
     run = _Run(config)
     try:
         # `epochs` counts from the start of training, resumed runs included.
@@ -309,6 +354,7 @@ def train(config: TrainConfig) -> list[Validation]:
             with run.averaged():
                 results.append(run.validate(epoch, train_top1))
             run.save()  # After recalibration: checkpoints hold precise statistics.
+        run.finish(results)
         return results
     finally:
         run.close()

@@ -12,7 +12,7 @@ import sys
 
 from absl import app
 
-from tfloop import demo, runner
+from tfloop import demo, flag_topics, runner
 from tfloop import eval as tfloop_eval
 from tfloop import flags as tfloop_flags
 
@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`tfloop-train`)."""
+    flag_topics.group_by_topic()  # `--helpfull` by topic.
     app.run(main, argv=sys.argv)
 
 
