@@ -16,7 +16,6 @@ from absl import app, flags
 
 import tfloop
 from tfloop import distribute
-from tfloop._replicas import sum_over_replicas  # Soon: tfloop.reduce_metrics.
 
 flags.DEFINE_integer("train_steps", 200, "Optimizer steps.")
 flags.DEFINE_integer("steps_per_call", 10, "Steps per tf.function call.")
@@ -37,8 +36,8 @@ def main(_):
     def train_steps(iterator, count):
         for _ in tf.range(count - 1):
             strategy.run(step.replica_fn, args=next(iterator))
-        # The last step's metrics, summed over the replicas.
-        return sum_over_replicas(
+        # The last step's metrics, reduced over the replicas.
+        return tfloop.reduce_metrics(
             strategy.run(step.replica_fn, args=next(iterator)), strategy
         )
 
@@ -47,7 +46,7 @@ def main(_):
         print(
             f"step {int(optimizer.iterations.numpy())}, "
             f"loss = {float(sums['loss']):.2f}, "
-            f"training_acc = {float(sums['correct'] / sums['count']):.4f}"
+            f"training_acc = {float(sums['top1']):.4f}"
         )
     tfloop.bn.recalibrate(model, calib_data, num_batches=50, strategy=strategy)
     result = tfloop.evaluate(

@@ -20,7 +20,6 @@ from absl import app, flags
 
 import tfloop
 from tfloop import distribute
-from tfloop._replicas import sum_over_replicas  # Soon: tfloop.reduce_metrics.
 
 flags.DEFINE_integer("train_steps", 200, "Optimizer steps.")
 flags.DEFINE_integer("steps_per_loop", 50, "Steps per tf.function call.")
@@ -46,13 +45,13 @@ class Trainer(orbit.StandardTrainer):
     def train_step(self, iterator):
         images, labels = next(iterator)
         # Inside Orbit's tf.function: `replica_fn` in replica context, here
-        # in cross-replica context; sums over replicas are global values.
-        sums = sum_over_replicas(
+        # in cross-replica context; reduce_metrics gives the global values.
+        sums = tfloop.reduce_metrics(
             self.strategy.run(self.step.replica_fn, args=(images, labels)),
             self.strategy,
         )
         self.loss.update_state(sums["loss"])
-        self.top1.update_state(sums["correct"] / sums["count"])
+        self.top1.update_state(sums["top1"])
 
     def train_loop_end(self):
         return {"loss": self.loss.result(), "top1": self.top1.result()}
@@ -85,7 +84,7 @@ class Evaluator(orbit.StandardEvaluator):
 
     def eval_step(self, iterator):
         images, labels = next(iterator)
-        sums = sum_over_replicas(
+        sums = tfloop.reduce_metrics(
             self.strategy.run(self.step.replica_fn, args=(images, labels)),
             self.strategy,
         )

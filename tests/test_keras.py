@@ -105,6 +105,31 @@ def test_fit_model_trains_as_the_tfloop_loop(
     np.testing.assert_allclose(logs["val_top1"][0], evaluated["top1"], rtol=1e-6)
 
 
+def test_fit_model_passes_sample_weights_to_the_step():
+    """`fit(..., sample_weight=...)` trains as the tfloop loop with the same weights."""
+    images, labels = next(iter(_data("train", 16, 16)))
+    weights = np.linspace(0.0, 2.0, 16).astype("float32")
+    model = _model()
+    fit_model = tfloop.keras.FitModel(model, loss_fn=LOSS)
+    fit_model.compile(optimizer=keras.optimizers.SGD(0.1))
+    fit_model.fit(
+        images, labels, sample_weight=weights, batch_size=16, epochs=1, verbose=0
+    )
+    reference = _model()
+    step = tfloop.make_train_step(reference, keras.optimizers.SGD(0.1), LOSS)
+    step((images, labels, weights))
+    expected = _variables(reference)
+    for path, value in _variables(model).items():
+        np.testing.assert_allclose(value, expected[path], atol=2e-5, err_msg=path)
+    unweighted = _model()
+    tfloop.make_train_step(unweighted, keras.optimizers.SGD(0.1), LOSS)(
+        (images, labels)
+    )
+    assert not np.allclose(
+        _variables(unweighted)["logits/kernel"], expected["logits/kernel"]
+    )
+
+
 def test_fit_model_refuses_a_compiled_loss():
     with pytest.raises(ValueError, match="loss="):
         tfloop.keras.FitModel(_model(), loss_fn=LOSS).compile(

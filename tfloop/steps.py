@@ -150,7 +150,8 @@ def reduce_metrics(
     their sample weights), `loss_sum` (eval). This function sums them over
     all replicas and workers (one reduction) and returns `loss`, `data_loss`
     (train) and `top1` = correct / count; for eval outputs `loss` is
-    loss_sum / count.
+    loss_sum / count. The summed `correct`, `count` (and `loss_sum`) come
+    along, to accumulate exactly over many batches.
 
     Call it either on the per-replica results of `strategy.run` (cross-replica
     context, e.g. an Orbit `train_step` after `strategy.run`), or inside the
@@ -159,7 +160,9 @@ def reduce_metrics(
     Never average these outputs yourself: `fit`'s default mean halves the
     loss on 2 replicas.
     """
-    return _metrics(_sum_over_replicas(dict(outputs), strategy))
+    totals = _sum_over_replicas(dict(outputs), strategy)
+    sums = {k: totals[k] for k in ("correct", "count", "loss_sum") if k in totals}
+    return {**_metrics(totals), **sums}
 
 
 def _run_and_reduce(

@@ -6,7 +6,6 @@ import keras
 import tensorflow as tf
 
 from tfloop import steps
-from tfloop._replicas import sum_over_replicas
 
 
 class FitModel(keras.Model):
@@ -74,13 +73,11 @@ class FitModel(keras.Model):
     def metrics(self) -> list[keras.metrics.Metric]:
         return [self._loss_metric, self._top1_metric]
 
-    def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor]:
-        images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if sample_weight is not None:
-            raise ValueError("FitModel does not support `sample_weight` yet.")
+    def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
+        """`(images, labels, sample_weight)`; `fit`'s class weights arrive as sample weights."""
         if self._tfloop_train_step is None:
             raise ValueError("Call `compile()` before `fit()` or `evaluate()`.")
-        return images, labels
+        return keras.utils.unpack_x_y_sample_weight(data)
 
     def _logs(self, loss, loss_weight, correct, count) -> dict[str, tf.Tensor]:
         """Accumulates global values (identical on every replica) into the logs.
@@ -93,16 +90,16 @@ class FitModel(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, data) -> dict[str, tf.Tensor]:
-        totals = sum_over_replicas(
+        totals = steps.reduce_metrics(
             self._tfloop_train_step.replica_fn(*self._unpack(data))
         )
         # Logged loss: the mean over the epoch's steps, as Keras does.
         return self._logs(totals["loss"], 1.0, totals["correct"], totals["count"])
 
     def test_step(self, data) -> dict[str, tf.Tensor]:
-        totals = sum_over_replicas(
+        totals = steps.reduce_metrics(
             self._tfloop_eval_step.replica_fn(*self._unpack(data))
         )
         # Per example over the whole set: a last partial batch weighs less.
         count = totals["count"]
-        return self._logs(totals["loss_sum"] / count, count, totals["correct"], count)
+        return self._logs(totals["loss"], count, totals["correct"], count)
