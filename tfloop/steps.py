@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn
+from tfloop import bn, checks, nonfinite
 from tfloop.bn import audit, averaging, ownership
 
 __all__ = ["EvalStep", "TrainStep", "evaluate", "make_eval_step", "make_train_step"]
@@ -86,9 +86,13 @@ class TrainStep:
         bn_audit: str = "warn",
         gradient_transform: GradientTransform | None = None,
         own_bn: bool = True,
+        on_nonfinite: str | None = None,
     ):
         _check_choice("bn_averaging", bn_averaging, averaging.AVERAGING_MODES)
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
+        if on_nonfinite is not None:
+            _check_choice("on_nonfinite", on_nonfinite, nonfinite.MODES)
+        self.on_nonfinite = on_nonfinite
         if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
             raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
         strategy = strategy or tf.distribute.get_strategy()
@@ -129,32 +133,59 @@ class TrainStep:
         collector = ownership._Collector(sync=self._sync_bn)
         with collector, tf.GradientTape() as tape:
             logits = model(images, training=True)
+            checks.check_logits(logits, labels)
             per_example = self.loss_fn(labels, logits)
+            checks.check_per_example(per_example, logits)
             data_loss = tf.nn.compute_average_loss(per_example)
             loss = data_loss
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
         self._audit(audit._silent_layers(self._owned, collector))
-        # Statistics first: they describe the weights that produced them.
-        averaging._apply_updates(
-            self._owned,
-            collector,
-            decay=self._bn_decay,
-            averaging=self._bn_averaging,
-        )
         variables = model.trainable_variables
         gradients = tape.gradient(loss, variables)
         grads_and_vars = list(zip(gradients, variables))
         if self._gradient_transform is not None:
             grads_and_vars = self._transform(grads_and_vars)
-        self.optimizer.apply_gradients(grads_and_vars)
+        flags, finite = self._nonfinite_flags(loss, grads_and_vars, collector)
+        # Statistics first: they describe the weights that produced them.
+        nonfinite.update_if(
+            finite,
+            self._bn_variables() if flags else [],
+            lambda: averaging._apply_updates(
+                self._owned,
+                collector,
+                decay=self._bn_decay,
+                averaging=self._bn_averaging,
+            ),
+        )
+        nonfinite.apply_if(finite, self.optimizer, grads_and_vars)
         correct, count = _correct_and_count(labels, logits)
         return {
             "loss": loss,
             "data_loss": data_loss,
             "correct": correct,
             "count": count,
+            **flags,
         }
+
+    def _nonfinite_flags(self, loss, grads_and_vars, collector):
+        """`on_nonfinite`'s flags and all-replica finiteness; ({}, None) without it."""
+        if self.on_nonfinite is None:
+            return {}, None
+        moments = [
+            tensor
+            for reported in collector.moments.values()
+            for m in reported
+            for tensor in (m.mean, m.variance)
+        ]
+        return nonfinite.step_flags(loss, [g for g, _ in grads_and_vars], moments)
+
+    def _bn_variables(self) -> list:
+        return [
+            variable
+            for layer, layer_state in self._owned
+            for variable in (layer.moving_mean, layer.moving_variance, layer_state.count)
+        ]
 
     def _audit(self, silent: list[str]) -> None:
         """Runs at trace time: reports BN layers that reported no moments."""
@@ -192,6 +223,7 @@ class TrainStep:
             "loss": sums["loss"],
             "data_loss": sums["data_loss"],
             "top1": sums["correct"] / sums["count"],
+            **{key: sums[key] for key in nonfinite.KEYS if key in sums},
         }
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
@@ -240,6 +272,7 @@ def make_train_step(
     bn_audit: str = "warn",
     gradient_transform: GradientTransform | None = None,
     own_bn: bool = True,
+    on_nonfinite: str | None = None,
 ) -> TrainStep:
     """Builds a train step that owns the batch-norm statistics of `model`.
 
@@ -265,6 +298,12 @@ def make_train_step(
       own_bn: False leaves BN to Keras (stock behaviour: statistics assigned
         in `call`, per replica, with constant momentum). Only for comparisons
         and benchmarks; the `bn_*` and `sync_bn` arguments then do nothing.
+      on_nonfinite: None (default) applies every step. `stop` or `skip`: a
+        step whose loss, gradients or BN batch moments hold a NaN or Inf on
+        any replica changes nothing (no weight, optimizer slot, `iterations`
+        or BN statistic) and reports it in `nonfinite_loss`,
+        `nonfinite_gradients` and `nonfinite_bn` (replicas that saw it);
+        `tfloop.nonfinite.check_step` stops or counts (`tfloop.nonfinite`).
 
     Returns:
       A `TrainStep`; `step(element)` returns `loss`, `data_loss` and `top1`.
@@ -280,6 +319,7 @@ def make_train_step(
         bn_audit=bn_audit,
         gradient_transform=gradient_transform,
         own_bn=own_bn,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -297,7 +337,10 @@ class EvalStep:
     def replica_fn(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
         """Sums over this replica's shard (any size, empty included)."""
         logits = self.model(images, training=False)
-        loss_sum = tf.reduce_sum(self.loss_fn(labels, logits))
+        checks.check_logits(logits, labels)
+        per_example = self.loss_fn(labels, logits)
+        checks.check_per_example(per_example, logits)
+        loss_sum = tf.reduce_sum(per_example)
         correct, count = _correct_and_count(labels, logits)
         return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
