@@ -34,5 +34,9 @@ class TrainConfig:
     model_dir: str | None = None
     seed: int = 0
     log_every: int = 50
+    # Runs that survive (checkpoints, non-finite values).
+    checkpoint_every_steps: int = 0
+    deterministic: bool = False
+    on_nonfinite: str = "stop"
     # Not a flag: leave BN to stock Keras (the naive loop), for comparisons.
     stock_bn: bool = False

@@ -17,16 +17,16 @@ says so in one line when the moving averages were stale.
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
+import math
 import time
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn, data, distribute, models, steps
+from tfloop import bn, checkpointing, checks, data, distribute, models, nonfinite, steps
 from tfloop.config import TrainConfig
+from tfloop.errors import NonFiniteError
 from tfloop.optimize import optimize_loss
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -59,6 +59,13 @@ class _Run:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        checks.check_environment(
+            strategy=config.strategy,
+            data_dir=config.data_dir if config.dataset != "shapes" else None,
+            model_dir=config.model_dir,
+        )
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
         self.strategy = distribute.make_strategy(
             config.strategy, num_cpu_devices=config.num_cpu_devices
         )
@@ -70,40 +77,56 @@ class _Run:
             "batch_size": config.batch_size,
             "seed": config.seed,
         }
-        train_data, classes = data.load(
-            config.dataset, split="train", num_examples=config.train_examples, **load
-        )
-        val_data, _ = data.load(
-            config.dataset, split="validation", num_examples=config.val_examples, **load
-        )
-        # Recalibration sees training images as validation sees its own:
-        # central crop, no augmentation (the inference-time input distribution).
-        calib_data, _ = data.load(
-            config.dataset,
-            split="train",
-            num_examples=config.train_examples,
-            augment=False,
-            **load,
-        )
-        num_classes = config.num_classes or classes
-        if num_classes < classes:
-            raise ValueError(
-                f"`num_classes`={num_classes} is less than the {classes} classes "
-                f"of dataset `{config.dataset}`."
+        with checks.input_errors():
+            train_data, classes = data.load(
+                config.dataset,
+                split="train",
+                num_examples=config.train_examples,
+                **load,
             )
-        self.steps_per_epoch = config.steps_per_epoch or _count(train_data)
-        self.train_iterator = iter(
-            distribute.distribute(self.strategy, train_data.repeat())
+            val_data, _ = data.load(
+                config.dataset,
+                split="validation",
+                num_examples=config.val_examples,
+                **load,
+            )
+            # Recalibration sees training images as validation sees its own:
+            # central crop, no augmentation (the inference-time input distribution).
+            calib_data, _ = data.load(
+                config.dataset,
+                split="train",
+                num_examples=config.train_examples,
+                augment=False,
+                **load,
+            )
+        num_classes = checks.check_num_classes(
+            config.num_classes, classes, config.dataset
         )
+        train_batches = int(train_data.cardinality())
+        if not config.steps_per_epoch and train_batches < 0:
+            train_batches = _count(train_data)
+        checks.check_batch(
+            config.batch_size,
+            num_replicas=self.strategy.num_replicas_in_sync,
+            train_batches=train_batches,
+        )
+        self.steps_per_epoch = config.steps_per_epoch or train_batches
+        # A plain iterator of global batches, split over the replicas per
+        # step: `tf.train.Checkpoint` saves its position (it cannot save the
+        # iterator of a distributed dataset).
+        self.train_iterator = iter(train_data.repeat())
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
-        with self.strategy.scope():
+        with self.strategy.scope(), checks.input_errors():
             self.model = models.get(
                 config.model,
                 num_classes=num_classes,
                 bn_decay=config.bn_decay,
                 image_size=config.image_size,
             )
+            # Steps skipped as non-finite (`--on_nonfinite=skip`): with
+            # `optimizer.iterations` they give the position in the run.
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.train_step = optimize_loss(
             self.model,
             LOSS,
@@ -114,41 +137,50 @@ class _Run:
             bn_averaging=config.bn_averaging,
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
+            # Non-finite steps are never applied (see `tfloop.nonfinite`).
+            check_numerics=False,
+            on_nonfinite=config.on_nonfinite,
         )
         self.eval_step = steps.make_eval_step(self.model, LOSS, strategy=self.strategy)
-        self._scratch = None
-        self.manager = None
+        self.checkpoints = None
         self.writer = tf.summary.create_noop_writer()
         if config.model_dir:
             self._open_model_dir(config.model_dir)
 
     def _open_model_dir(self, model_dir: str) -> None:
-        """Restores the latest checkpoint, if any; opens checkpoints and summaries.
-
-        Every worker restores from `MODEL_DIR/checkpoints`, so a resumed
-        multi-worker run resumes everywhere. Under `MultiWorkerMirroredStrategy`
-        every worker must also take part in a save: the chief writes to
-        `MODEL_DIR`, the others to a private scratch directory they delete, so
-        nothing but the chief's files lands where the chief reads.
-        """
-        items = {"model": self.model, "optimizer": self.train_step.optimizer}
+        """Restores the latest checkpoint, if any; opens checkpoints and summaries."""
+        optimizer = self.train_step.optimizer
+        items = {
+            "model": self.model,
+            "optimizer": optimizer,
+            "train_data": self.train_iterator,
+            "rng": checkpointing.seed_states(self.model),
+            "nonfinite_steps": self.skipped,
+        }
         if not self.config.stock_bn:
             items["bn"] = bn.state(self.model)
-        checkpoint = tf.train.Checkpoint(**items)
-        directory = f"{model_dir}/checkpoints"
-        latest = tf.train.latest_checkpoint(directory)
-        if latest:
-            checkpoint.restore(latest).assert_existing_objects_matched()
-            logging.info("Restored %s", latest)
-        if not self.chief:
-            self._scratch = directory = tempfile.mkdtemp(prefix="tfloop_worker_")
-        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+        self.checkpoints = checkpointing.Checkpoints(
+            model_dir=model_dir,
+            items=items,
+            metadata={
+                "model": self.config.model,
+                "num_classes": self.model.output_shape[-1],
+                "image_size": self.config.image_size,
+            },
+            strategy=self.strategy,
+            chief=self.chief,
+            guarded=self.model.variables + optimizer.variables,
+        )
+        if self.checkpoints.restored:
+            logging.info("Restored %s", self.checkpoints.restored)
         if self.chief:
             self.writer = tf.summary.create_file_writer(f"{model_dir}/summaries")
 
     @property
     def global_step(self) -> int:
-        return int(self.train_step.optimizer.iterations.numpy())
+        """Steps taken: applied (`optimizer.iterations`) and skipped."""
+        iterations = self.train_step.optimizer.iterations.numpy()
+        return int(iterations + self.skipped.numpy())
 
     def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
         """Validation numbers you can trust: recalibrated BN, staleness reported."""
@@ -166,6 +198,7 @@ class _Run:
                 time.perf_counter() - start,
             )
             result = steps.evaluate(self.eval_step, self.val_data)
+            _check_finite_validation(self.model, result["loss"], self.global_step)
             if moving["loss"] > max(
                 _STALE_RATIO * result["loss"], result["loss"] + 0.05
             ):
@@ -173,6 +206,7 @@ class _Run:
                     f"BN statistics were stale: val loss {moving['loss']:.2f} with "
                     f"moving averages, {result['loss']:.2f} after recalibration"
                 )
+        _check_finite_validation(self.model, result["loss"], self.global_step)
         _say(f"precision @ 1 = {result['top1']:.4f} val loss = {result['loss']:.2f}")
         with self.writer.as_default(step=self.global_step):
             tf.summary.scalar("validation/loss", result["loss"])
@@ -188,38 +222,60 @@ class _Run:
         )
 
     def train_epoch(self, epoch: int) -> float:
-        """Runs one epoch; returns its mean training accuracy."""
+        """Runs (the rest of) one epoch; returns its mean training accuracy."""
         start = time.perf_counter()
         top1_sum = 0.0
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
+        last_step = epoch * self.steps_per_epoch
+        every = self.config.checkpoint_every_steps
         with self.writer.as_default():
-            for step in range(first_step, first_step + self.steps_per_epoch):
-                metrics = self.train_step(next(self.train_iterator))
-                top1_sum += metrics["top1"]  # Stays a tensor until the epoch ends.
+            for step in range(first_step, last_step + 1):
+                metrics = self.train_step(
+                    distribute.split_batch(self.strategy, next(self.train_iterator))
+                )
+                if nonfinite.check_step(step, metrics, mode=self.config.on_nonfinite):
+                    top1_sum += metrics["top1"]  # A tensor until the epoch ends.
+                else:
+                    self._skipped_step(step, metrics)
                 if step % self.config.log_every == 0:
                     _say(
                         f"step {step}, loss = {float(metrics['loss']):.2f}, "
                         f"training_acc = {float(metrics['top1']):.4f}"
                     )
+                if self.checkpoints is not None:
+                    self.checkpoints.after_step(step)
+                    if every and step % every == 0 and step != last_step:
+                        self.checkpoints.save(step)
+        steps_run = last_step - first_step + 1
         seconds = time.perf_counter() - start
-        images = self.steps_per_epoch * self.config.batch_size
         logging.info(
             "epoch %d: %d steps, %.1f s, %.1f images/s",
             epoch,
-            self.steps_per_epoch,
+            steps_run,
             seconds,
-            images / seconds,
+            steps_run * self.config.batch_size / seconds,
         )
-        return float(top1_sum) / self.steps_per_epoch
+        return float(top1_sum) / max(steps_run, 1)
+
+    def _skipped_step(self, step: int, metrics: dict) -> None:
+        """`--on_nonfinite=skip`: counts the step, in the log and TensorBoard."""
+        self.skipped.assign_add(1)
+        logging.warning(
+            "step %d skipped: non-finite %s (%d skipped so far)",
+            step,
+            nonfinite.describe(metrics),
+            int(self.skipped.numpy()),
+        )
+        tf.summary.scalar("nonfinite_steps", self.skipped, step=step)
 
     def save(self) -> None:
-        if self.manager is not None:
-            self.manager.save(checkpoint_number=self.global_step)
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.global_step)
 
     def close(self) -> None:
         self.writer.close()
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
 
 def _count(dataset: tf.data.Dataset) -> int:
@@ -230,19 +286,60 @@ def _count(dataset: tf.data.Dataset) -> int:
     return int(dataset.reduce(0, lambda count, _: count + 1))
 
 
+def _bn_statistics(model: keras.Model) -> list:
+    """Moving means and variances of every BN layer of `model`."""
+    return [
+        variable
+        for layer in bn.layers(model)
+        for variable in (layer.moving_mean, layer.moving_variance)
+    ]
+
+
+def _check_finite_validation(model: keras.Model, loss: float, step: int) -> None:
+    """Validation is non-finite if its loss or any BN statistic is."""
+    bad = nonfinite.nonfinite_variables(_bn_statistics(model))
+    if bad or not math.isfinite(loss):
+        what = f"BN statistics ({bad[0]})" if bad else f"val loss ({loss})"
+        raise NonFiniteError(f"validation after step {step}: non-finite {what}")
+
+
 def train(config: TrainConfig) -> list[Validation]:
     """Runs `config`: validation before training and after every epoch."""
     run = _Run(config)
     try:
-        # `epochs` counts from the start of training, resumed runs included.
-        done = run.global_step // run.steps_per_epoch
-        _say("early Validation Step")
-        results = [run.validate(epoch=done)]
-        for epoch in range(done + 1, config.epochs + 1):
-            train_top1 = run.train_epoch(epoch)
-            _say("Validation Step")
-            results.append(run.validate(epoch, train_top1))
-            run.save()  # After recalibration: checkpoints hold precise statistics.
-        return results
+        return _train(run)
+    except StopIteration:  # The train split yields no batch at all.
+        checks.raise_empty_train(config.batch_size)
+    except tf.errors.OpError as error:
+        input_error = checks.data_error(
+            error,
+            images=lambda: data.encoded_images(
+                config.dataset, data_dir=config.data_dir, splits=("train", "validation")
+            ),
+        )
+        if input_error is None:
+            raise
+        raise input_error from None
     finally:
         run.close()
+
+
+def _train(run: _Run) -> list[Validation]:
+    config = run.config
+    # `epochs` counts from the start of training, resumed runs included.
+    done, into_epoch = divmod(run.global_step, run.steps_per_epoch)
+    _say("early Validation Step")
+    # A run resumed mid-epoch continues from the checkpoint's BN statistics,
+    # as the interrupted run did: its early validation leaves them alone.
+    keep = []
+    if into_epoch:
+        keep = _bn_statistics(run.model)
+        keep += [] if config.stock_bn else bn.state(run.model).counts
+    with checkpointing.unchanged(keep):
+        results = [run.validate(epoch=done)]
+    for epoch in range(done + 1, config.epochs + 1):
+        train_top1 = run.train_epoch(epoch)
+        _say("Validation Step")
+        results.append(run.validate(epoch, train_top1))
+        run.save()  # After recalibration: checkpoints hold precise statistics.
+    return results
