@@ -143,7 +143,8 @@ class _Run:
         )
         self.eval_step = steps.make_eval_step(self.model, LOSS, strategy=self.strategy)
         self.checkpoints = None
-        self.writer = tf.summary.create_noop_writer()
+        self._writer = None
+        self._summary_dir = None
         if config.model_dir:
             self._open_model_dir(config.model_dir)
 
@@ -174,7 +175,18 @@ class _Run:
         if self.checkpoints.restored:
             logging.info("Restored %s", self.checkpoints.restored)
         if self.chief:
-            self.writer = tf.summary.create_file_writer(f"{model_dir}/summaries")
+            self._summary_dir = f"{model_dir}/summaries"
+
+    @property
+    def writer(self) -> tf.summary.SummaryWriter:
+        """Opened at the first summary, so that a run refused earlier writes nothing."""
+        if self._writer is None:
+            self._writer = (
+                tf.summary.create_file_writer(self._summary_dir)
+                if self._summary_dir
+                else tf.summary.create_noop_writer()
+            )
+        return self._writer
 
     @property
     def global_step(self) -> int:
@@ -273,7 +285,8 @@ class _Run:
             self.checkpoints.save(self.global_step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
         if self.checkpoints is not None:
             self.checkpoints.close()
 
