@@ -30,20 +30,22 @@ import tfloop
 from tfloop import checkpointing
 from tfloop.errors import InputError
 
-STEPS_PER_EPOCH = 4
+STEPS = 8
 FLAGS = [
     "--model=resnet_v1_small",
     "--image_size=32",
     "--batch_size=8",
     "--train_examples=64",
-    "--val_examples=16",
-    f"--steps_per_epoch={STEPS_PER_EPOCH}",
-    "--epochs=2",
+    "--val_examples=8",
+    f"--steps_per_epoch={STEPS}",
+    "--epochs=1",
     "--log_every=1",
     "--bn_recalibrate_batches=1",
-    "--checkpoint_every_steps=3",  # Mid-epoch checkpoints at steps 3 and 6.
+    "--checkpoint_every_steps=2",  # Mid-epoch checkpoints at steps 2, 4 and 6.
     "--deterministic",
 ]
+# Counters of saves, not of training: a preempted run saves once more.
+_SAVE_COUNTERS = ("save_counter/", "checkpointed_runs/")
 TIMEOUT = 240
 _TFLOOP_ROOT = str(Path(tfloop.__file__).parent.parent)
 
@@ -83,12 +85,12 @@ def _log(model_dir: Path) -> str:
     return (model_dir.parent / f"{model_dir.name}.log").read_text(errors="replace")
 
 
-def _wait_for(path: Path, process: subprocess.Popen) -> None:
+def _wait_for(ready, process: subprocess.Popen, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT
-    while not path.exists():
-        assert process.poll() is None, f"run ended before writing {path.name}"
-        assert time.monotonic() < deadline, f"no {path.name} after {TIMEOUT} s"
-        time.sleep(0.05)
+    while not ready():
+        assert process.poll() is None, f"run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT} s"
+        time.sleep(0.02)
 
 
 def _tensors(path: str) -> dict[str, np.ndarray]:
@@ -96,7 +98,9 @@ def _tensors(path: str) -> dict[str, np.ndarray]:
     return {
         name: reader.get_tensor(name)
         for name in reader.get_variable_to_shape_map()
-        if name != "_CHECKPOINTABLE_OBJECT_GRAPH" and "ITERATOR_STATE" not in name
+        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+        and "ITERATOR_STATE" not in name
+        and not name.startswith(_SAVE_COUNTERS)
     }
 
 
@@ -113,58 +117,66 @@ def _steps(log: str) -> list[int]:
     return [int(s) for s in re.findall(r"^step (\d+), ", log, re.MULTILINE)]
 
 
+class _Reference:
+    """The uninterrupted run, started at once and waited for when needed."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.process = _start(model_dir)
+
+    def final_checkpoint(self) -> str:
+        assert _finish(self.process) == 0, _log(self.model_dir)
+        return str(self.model_dir / "checkpoints" / f"ckpt-{STEPS}")
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
-    """The final checkpoint of the uninterrupted run."""
-    model_dir = tmp_path_factory.mktemp("reference") / "model"
-    assert _finish(_start(model_dir)) == 0, _log(model_dir)
-    return str(model_dir / "checkpoints" / "ckpt-8")
+def reference(tmp_path_factory) -> _Reference:
+    return _Reference(tmp_path_factory.mktemp("reference") / "model")
 
 
-def test_killed_run_resumes_bit_identical(reference, tmp_path):
+def test_preempted_then_killed_run_resumes_bit_identical(reference, tmp_path):
+    """SIGTERM, resume, SIGKILL after a mid-epoch checkpoint, resume: as if never stopped."""
     model_dir = tmp_path / "model"
-    checkpoint = random.choice([3, 6])  # Both in the middle of an epoch.
+    checkpoints = model_dir / "checkpoints"
+    # 1. SIGTERM once the run is under way: a checkpoint at the next step.
     process = _start(model_dir)
-    _wait_for(model_dir / "checkpoints" / f"ckpt-{checkpoint}.index", process)
-    time.sleep(random.uniform(0.0, 0.5))  # Some steps after it, maybe none.
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
-    resumed_from = int(latest.rsplit("-", 1)[1])
-    assert resumed_from >= checkpoint
-    before = len(_log(model_dir))
-    assert _finish(_start(model_dir)) == 0, _log(model_dir)
-    steps = _steps(_log(model_dir)[before:])
-    assert steps == list(range(resumed_from + 1, 9)), steps
-    _assert_identical(str(model_dir / "checkpoints" / "ckpt-8"), reference)
-
-
-def test_sigterm_saves_at_the_next_step_and_resumes(reference, tmp_path):
-    model_dir = tmp_path / "model"
-    process = _start(model_dir)
-    _wait_for(model_dir / "checkpoints" / "ckpt-3.index", process)
+    _wait_for(lambda: "early Validation Step" in _log(model_dir), process, "training")
     process.send_signal(signal.SIGTERM)
     assert _finish(process) == 42, _log(model_dir)
     log = _log(model_dir)
+    assert "Traceback" not in log
     saved = re.findall(
-        r"^tfloop-train: preempted \(SIGTERM\): saved `(\S+)` after "
-        r"step (\d+); run the same command to resume$",
+        r"^tfloop-train: preempted \(SIGTERM\): saved `(\S+)` after step (\d+); "
+        r"run the same command to resume$",
         log,
         re.MULTILINE,
     )
     assert len(saved) == 1, log[-3000:]
-    path, step = saved[0]
-    assert "Traceback" not in log
-    assert path == tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
-    assert path.endswith(f"ckpt-{step}") and int(step) == _steps(log)[-1]
+    path, step = saved[0][0], int(saved[0][1])
+    assert step == _steps(log)[-1] and path.endswith(f"ckpt-{step}")
+    assert path == tf.train.latest_checkpoint(str(checkpoints))
+    # 2. Resume, and SIGKILL at a random moment after a mid-epoch checkpoint.
+    before = len(log)
+    process = _start(model_dir)
+    later = [number for number in (2, 4, 6) if number > step]
+    mid_epoch = checkpoints / f"ckpt-{random.choice(later)}.index"
+    _wait_for(mid_epoch.exists, process, mid_epoch.name)
+    time.sleep(random.uniform(0.0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log = _log(model_dir)
+    assert _steps(log[before:])[0] == step + 1, log[before:][-3000:]
+    latest = tf.train.latest_checkpoint(str(checkpoints))
+    killed_after = int(latest.rsplit("-", 1)[1])
+    # 3. Resume to the end.
     before = len(log)
     assert _finish(_start(model_dir)) == 0, _log(model_dir)
-    assert _steps(_log(model_dir)[before:]) == list(range(int(step) + 1, 9))
-    _assert_identical(str(model_dir / "checkpoints" / "ckpt-8"), reference)
+    assert _steps(_log(model_dir)[before:]) == list(range(killed_after + 1, STEPS + 1))
+    _assert_identical(str(checkpoints / f"ckpt-{STEPS}"), reference.final_checkpoint())
 
 
 def test_model_dir_of_another_model_is_refused_untouched(reference):
-    model_dir = Path(reference).parent.parent
+    model_dir = Path(reference.final_checkpoint()).parent.parent
     before = {p: p.read_bytes() for p in sorted(model_dir.rglob("*")) if p.is_file()}
     process = _start(model_dir, "--model=inception_v1")
     assert _finish(process) == 1
