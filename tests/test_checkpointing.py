@@ -158,16 +158,18 @@ def test_preempted_then_killed_run_resumes_bit_identical(reference, tmp_path):
     # 2. Resume, and SIGKILL at a random moment after a mid-epoch checkpoint.
     before = len(log)
     process = _start(model_dir)
-    later = [number for number in (2, 4, 6) if number > step]
-    mid_epoch = checkpoints / f"ckpt-{random.choice(later)}.index"
-    _wait_for(mid_epoch.exists, process, mid_epoch.name)
+    mid_epoch = random.choice([number for number in (2, 4, 6) if number > step])
+
+    def latest() -> int:
+        return int(tf.train.latest_checkpoint(str(checkpoints)).rsplit("-", 1)[1])
+
+    _wait_for(lambda: latest() >= mid_epoch, process, f"ckpt-{mid_epoch}")
     time.sleep(random.uniform(0.0, 0.3))
     process.send_signal(signal.SIGKILL)
     process.wait()
     log = _log(model_dir)
     assert _steps(log[before:])[0] == step + 1, log[before:][-3000:]
-    latest = tf.train.latest_checkpoint(str(checkpoints))
-    killed_after = int(latest.rsplit("-", 1)[1])
+    killed_after = latest()
     # 3. Resume to the end.
     before = len(log)
     assert _finish(_start(model_dir)) == 0, _log(model_dir)

@@ -205,17 +205,21 @@ def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
     reference_dir, model_dir = tmp_path / "reference", tmp_path / "model"
     reference = cluster(reference_dir, "reference")
     killed = cluster(model_dir, "killed")
-    mid_epoch = model_dir / "checkpoints" / f"ckpt-{random.choice([2, 4])}.index"
+    mid_epoch = random.choice([2, 4])
+
+    def latest() -> int:
+        path = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+        return 0 if path is None else int(path.rsplit("-", 1)[1])
+
     deadline = time.monotonic() + TIMEOUT
-    while not mid_epoch.exists() and time.monotonic() < deadline:
+    while latest() < mid_epoch and time.monotonic() < deadline:
         assert all(w.process.poll() is None for w in killed), "a worker ended"
         time.sleep(0.02)
     for worker in killed:
         worker.process.kill()
         worker.process.wait()
-    assert mid_epoch.exists(), f"no {mid_epoch.name} after {TIMEOUT} s"
-    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
-    resumed_from = int(latest.rsplit("-", 1)[1])
+    resumed_from = latest()
+    assert resumed_from >= mid_epoch, f"no ckpt-{mid_epoch} after {TIMEOUT} s"
     outputs = _wait(cluster(model_dir, "resumed"))
     _wait(reference)
     for output in outputs:  # Every worker resumed where the checkpoint left off.
