@@ -350,27 +350,36 @@ def test_scalar_loss_fn_is_refused():
     step = tfloop.make_train_step(_model(), keras.optimizers.SGD(0.1), averaged)
     batch = (tf.zeros([8, 4]), tf.zeros([8], tf.int32))
     with pytest.raises(
-        ValueError, match=r"per-example losses of shape \(8,\), got shape \(\)"
+        ValueError, match="per-example losses of shape .*reduction=None"
     ):
         step(batch)
     eval_step = tfloop.make_eval_step(_model(), averaged)
-    with pytest.raises(ValueError, match="reduction=None"):
+    with pytest.raises(
+        ValueError, match="per-example losses of shape .*reduction=None"
+    ):
         eval_step(batch)
+
+
+def _message(step, batch) -> str:
+    with pytest.raises(ValueError) as error:
+        step(batch)
+    return str(error.value)
 
 
 def test_one_hot_labels_with_other_class_count_are_refused():
     loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
     step = tfloop.make_train_step(_model(3), keras.optimizers.SGD(0.1), loss)
-    with pytest.raises(
-        ValueError, match="have 5 classes but the model's logits have 3"
-    ):
-        step((tf.zeros([8, 4]), tf.one_hot(tf.zeros([8], tf.int32), 5)))
+    labels = tf.one_hot(tf.zeros([8], tf.int32), 5)
+    message = _message(step, (tf.zeros([8, 4]), labels))
+    # Names both class counts and says one-hot labels were expected.
+    assert "one-hot" in message and "5" in message and "3" in message, message
 
 
 def test_labels_of_wrong_rank_are_refused():
     step = tfloop.make_train_step(_model(3), keras.optimizers.SGD(0.1), LOSS)
-    with pytest.raises(ValueError, match=r"expected `labels` of shape \(8,\)"):
-        step((tf.zeros([8, 4]), tf.zeros([8, 2, 2], tf.int32)))
+    message = _message(step, (tf.zeros([8, 4]), tf.zeros([8, 2, 2], tf.int32)))
+    assert "(8, 2, 2)" in message and "(8, 3)" in message, message
+    assert "expected" in message and "one-hot" in message, message
 
 
 def test_right_arguments_pass_the_checks():

@@ -179,7 +179,7 @@ def test_binary_on_two_workers(tmp_path):
 def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
     """Kill both workers after a mid-epoch checkpoint, restart both: as if never stopped.
 
-    The reference cluster runs the same command uninterrupted, alongside.
+    The reference is a cluster running the same command uninterrupted.
     """
     flags = [
         "--strategy=multi_worker",
@@ -203,7 +203,7 @@ def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
         return _start_workers(lambda i: [*command, f"--model_dir={model_dir}"], cwd)
 
     reference_dir, model_dir = tmp_path / "reference", tmp_path / "model"
-    reference = cluster(reference_dir, "reference")
+    _wait(cluster(reference_dir, "reference"))
     killed = cluster(model_dir, "killed")
     mid_epoch = random.choice([2, 4])
 
@@ -221,7 +221,6 @@ def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
     resumed_from = latest()
     assert resumed_from >= mid_epoch, f"no ckpt-{mid_epoch} after {TIMEOUT} s"
     outputs = _wait(cluster(model_dir, "resumed"))
-    _wait(reference)
     for output in outputs:  # Every worker resumed where the checkpoint left off.
         steps = [int(s) for s in re.findall(r"^step (\d+), ", output, re.MULTILINE)]
         assert steps == list(range(resumed_from + 1, 7)), output[-3000:]
