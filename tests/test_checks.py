@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -259,9 +260,13 @@ def _run_main(argv: list[str], capfd) -> tuple[int, str]:
     """`tfloop-train ARGV` in this process: (exit code, stderr)."""
     flags.FLAGS.unparse_flags()
     capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        app.run(train.main, argv=["tfloop-train", *argv])
-    flags.FLAGS.unparse_flags()
+    sigterm = signal.getsignal(signal.SIGTERM)  # A run installs its own.
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            app.run(train.main, argv=["tfloop-train", *argv])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        flags.FLAGS.unparse_flags()
     return exit_info.value.code or 0, capfd.readouterr().err
 
 
