@@ -8,8 +8,8 @@ process: `--steps` train steps (each followed by the host-side non-finite
 check and the preemption check the binary makes), and `--saves` calls of
 `Checkpoints.save` (the finiteness check of every tensor plus
 `tf.train.CheckpointManager.save`). It prints the medians, the ratio
-save / step, and the checkpoint's size; with `--checkpoint_every_steps=N`
-the overhead is ratio / N of the training time.
+save / step, the checkpoint's size and the finiteness check's share; with
+`--checkpoint_every_steps=N` the overhead is ratio / N of the training time.
 
     python benchmarks/checkpoint_cost.py [--steps 20 --saves 5]
 """
@@ -91,6 +91,11 @@ def main() -> None:
             start = time.perf_counter()
             path = checkpoints.save(number)
             save_times.append(time.perf_counter() - start)
+        check_times = []
+        for _ in range(args.saves):
+            start = time.perf_counter()
+            nonfinite.nonfinite_variables(model.variables + step.optimizer.variables)
+            check_times.append(time.perf_counter() - start)
         size = sum(
             os.path.getsize(os.path.join(checkpoints.directory, name))
             for name in os.listdir(checkpoints.directory)
@@ -103,7 +108,8 @@ def main() -> None:
         f"{args.model} {args.image_size}x{args.image_size} batch {args.batch_size}: "
         f"step {step_time * 1e3:.0f} ms, checkpoint {save_time * 1e3:.0f} ms "
         f"({size / 2**20:.0f} MiB) = {save_time / step_time:.2f} steps; "
-        f"every N steps costs {save_time / step_time:.2f}/N of training time"
+        f"every N steps costs {save_time / step_time:.2f}/N of training time; "
+        f"of it the finiteness check {statistics.median(check_times) * 1e3:.0f} ms"
     )
 
 
