@@ -36,6 +36,10 @@ class TrainConfig:
     log_every: int = 50
     # Issue 11: SavedModel and .keras file after the final recalibration.
     export_dir: str | None = None
+    # Runs that survive (checkpoints, non-finite values).
+    checkpoint_every_steps: int = 0
+    deterministic: bool = False
+    on_nonfinite: str = "stop"
     # Not a flag: leave BN to stock Keras (the naive loop), for comparisons.
     stock_bn: bool = False
     # Slim's train_image_classifier.py flags (README: "Coming from slim").

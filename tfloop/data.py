@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import tensorflow as tf
 
@@ -168,19 +168,7 @@ def image_folder(data_dir: str, split: str) -> tuple[tf.data.Dataset, list[str]]
         sub-folders, or a class folder has no images.
     """
     split_dir = os.path.join(data_dir, split)
-    class_names = _class_names(split_dir)
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(split_dir, name)
-        files = [
-            f
-            for f in tf.io.gfile.listdir(class_dir)
-            if f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith(".")
-        ]
-        if not files:
-            raise ValueError(f"no JPEG/PNG images in class folder `{class_dir}`")
-        paths += [os.path.join(class_dir, f) for f in files]
-        labels += [label] * len(files)
+    paths, labels, class_names = _image_files(split_dir)
     order = sorted(
         range(len(paths)),
         key=lambda i: hashlib.md5(
@@ -196,6 +184,24 @@ def image_folder(data_dir: str, split: str) -> tuple[tf.data.Dataset, list[str]]
 
     dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset, class_names
+
+
+def _image_files(split_dir: str) -> tuple[list[str], list[int], list[str]]:
+    """Image paths under `split_dir/<class>/`, their labels, and the classes."""
+    class_names = _class_names(split_dir)
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        files = [
+            f
+            for f in tf.io.gfile.listdir(class_dir)
+            if f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith(".")
+        ]
+        if not files:
+            raise ValueError(f"no JPEG/PNG images in class folder `{class_dir}`")
+        paths += [os.path.join(class_dir, f) for f in files]
+        labels += [label] * len(files)
+    return paths, labels, class_names
 
 
 def _class_names(split_dir: str) -> list[str]:
@@ -254,6 +260,24 @@ def tfrecords(data_dir: str, split: str) -> tf.data.Dataset:
     Raises:
       ValueError: if no file matches.
     """
+
+    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        example = tf.io.parse_single_example(record, _TFRECORD_FEATURES)
+        label = tf.cast(example["image/class/label"], tf.int32)
+        return _decode(example["image/encoded"]), label
+
+    return tf.data.TFRecordDataset(_tfrecord_files(data_dir, split)).map(
+        parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+
+
+_TFRECORD_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def _tfrecord_files(data_dir: str, split: str) -> list[str]:
     files = sorted(
         {
             path
@@ -264,19 +288,27 @@ def tfrecords(data_dir: str, split: str) -> tf.data.Dataset:
     if not files:
         pattern = os.path.join(data_dir, f"{{{','.join(_tfrecord_patterns(split))}}}")
         raise ValueError(f"no TFRecord files match `{pattern}`")
-    features = {
-        "image/encoded": tf.io.FixedLenFeature([], tf.string),
-        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
-    }
+    return files
 
-    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        example = tf.io.parse_single_example(record, features)
-        label = tf.cast(example["image/class/label"], tf.int32)
-        return _decode(example["image/encoded"]), label
 
-    return tf.data.TFRecordDataset(files).map(
-        parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+def encoded_images(
+    name: str, *, data_dir: str | None, splits: Sequence[str]
+) -> Iterator[tuple[str, tf.Tensor]]:
+    """`(where, encoded bytes)` of every image file or record of `splits`.
+
+    For finding a corrupt image after tf.data failed to decode one (its error
+    names no file): `where` is a path, or `file record i` for TFRecords.
+    `shapes` has no files and yields nothing.
+    """
+    for split in splits:
+        if name == "folder":
+            for path in _image_files(os.path.join(data_dir, split))[0]:
+                yield path, tf.io.read_file(path)
+        elif name == "tfrecord":
+            for path in _tfrecord_files(data_dir, split):
+                for i, record in enumerate(tf.data.TFRecordDataset(path)):
+                    example = tf.io.parse_single_example(record, _TFRECORD_FEATURES)
+                    yield f"{path} record {i}", example["image/encoded"]
 
 
 def read_label_file(data_dir: str) -> dict[int, str]:

@@ -70,3 +70,21 @@ def distribute(
         tf.data.experimental.AutoShardPolicy.DATA
     )
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+def split_batch(strategy: tf.distribute.Strategy, element):
+    """Splits one global batch `(images, labels)` into per-replica shards.
+
+    For a batch read from a plain iterator, which (unlike the iterator of a
+    distributed dataset) `tf.train.Checkpoint` can save. Replica i of the
+    cluster gets the i-th equal slice, as every worker reads the same batches.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return element
+
+    def shard(context: tf.distribute.ValueContext):
+        index = context.replica_id_in_sync_group
+        count = context.num_replicas_in_sync
+        return tuple(tf.split(value, count)[index] for value in element)
+
+    return strategy.experimental_distribute_values_from_function(shard)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from tfloop import bn, distribute, models, schedules
+from tfloop import bn, distribute, models, nonfinite, schedules
 from tfloop.config import TrainConfig
 from tfloop.optimize import OPTIMIZER_CLS_NAMES
 
@@ -25,7 +25,7 @@ flags.DEFINE_integer(
     "image_size", _D.image_size, "Input height and width.", lower_bound=1
 )
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", lower_bound=1)
-flags.DEFINE_integer("epochs", _D.epochs, "Epochs to train.", lower_bound=0)
+flags.DEFINE_integer("epochs", _D.epochs, "Epochs to train.", lower_bound=1)
 flags.DEFINE_integer(
     "steps_per_epoch",
     _D.steps_per_epoch,
@@ -101,6 +101,31 @@ flags.register_multi_flags_validator(
     ["dataset", "data_dir"],
     lambda f: f["dataset"] == "shapes" or bool(f["data_dir"]),
     message="--dataset=folder and --dataset=tfrecord need --data_dir.",
+)
+
+# Runs that survive: checkpoints, determinism, non-finite values.
+flags.DEFINE_integer(
+    "checkpoint_every_steps",
+    _D.checkpoint_every_steps,
+    "Also checkpoint every N steps (with --model_dir); 0: at epoch ends only.",
+    lower_bound=0,
+)
+flags.DEFINE_bool(
+    "deterministic",
+    _D.deterministic,
+    "Op determinism on: a resumed run is bit-identical to an uninterrupted one.",
+)
+flags.DEFINE_enum(
+    "on_nonfinite",
+    _D.on_nonfinite,
+    list(nonfinite.MODES),
+    "A step with a NaN/Inf loss, gradient or BN statistic: `stop` the run, or "
+    "`skip` the step (counted). Such a step is never applied.",
+)
+flags.register_validator(
+    "learning_rate",
+    lambda value: value > 0,
+    message="--learning_rate must be positive.",
 )
 
 

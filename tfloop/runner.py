@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import shutil
 import tempfile
 import time
@@ -29,12 +30,15 @@ from absl import logging
 
 from tfloop import (
     bn,
+    checkpointing,
+    checks,
     data,
     distribute,
     ema,
     export,
     losses,
     models,
+    nonfinite,
     optimizers,
     plots,
     progress,
@@ -42,6 +46,7 @@ from tfloop import (
     summaries,
 )
 from tfloop.config import TrainConfig
+from tfloop.errors import NonFiniteError
 from tfloop.optimize import optimize_loss
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -68,6 +73,13 @@ class _Run:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        checks.check_environment(
+            strategy=config.strategy,
+            data_dir=config.data_dir if config.dataset != "shapes" else None,
+            model_dir=config.model_dir,
+        )
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
         self.strategy = distribute.make_strategy(
             config.strategy, num_cpu_devices=config.num_cpu_devices
         )
@@ -79,36 +91,49 @@ class _Run:
             "batch_size": config.batch_size,
             "seed": config.seed,
         }
-        train_data, classes = data.load(
-            config.dataset, split="train", num_examples=config.train_examples, **load
-        )
-        val_data, _ = data.load(
-            config.dataset, split="validation", num_examples=config.val_examples, **load
-        )
-        # Recalibration sees training images as validation sees its own:
-        # central crop, no augmentation (the inference-time input distribution).
-        calib_data, _ = data.load(
-            config.dataset,
-            split="train",
-            num_examples=config.train_examples,
-            augment=False,
-            **load,
-        )
-        num_classes = config.num_classes or classes
-        if num_classes < classes:
-            raise ValueError(
-                f"`num_classes`={num_classes} is less than the {classes} classes "
-                f"of dataset `{config.dataset}`."
+        with checks.input_errors():
+            train_data, classes = data.load(
+                config.dataset,
+                split="train",
+                num_examples=config.train_examples,
+                **load,
             )
-        self.steps_per_epoch = config.steps_per_epoch or _count(train_data)
-        self.train_iterator = iter(
-            distribute.distribute(self.strategy, train_data.repeat())
+            val_data, _ = data.load(
+                config.dataset,
+                split="validation",
+                num_examples=config.val_examples,
+                **load,
+            )
+            # Recalibration sees training images as validation sees its own:
+            # central crop, no augmentation (the inference-time input distribution).
+            calib_data, _ = data.load(
+                config.dataset,
+                split="train",
+                num_examples=config.train_examples,
+                augment=False,
+                **load,
+            )
+        num_classes = checks.check_num_classes(
+            config.num_classes, classes, config.dataset
         )
+        train_batches = int(train_data.cardinality())
+        if not config.steps_per_epoch and train_batches < 0:
+            train_batches = _count(train_data)
+        checks.check_batch(
+            config.batch_size,
+            num_replicas=self.strategy.num_replicas_in_sync,
+            train_batches=train_batches,
+        )
+        self.steps_per_epoch = config.steps_per_epoch or train_batches
+        # A plain iterator of global batches, split over the replicas per
+        # step: `tf.train.Checkpoint` saves its position (it cannot save the
+        # iterator of a distributed dataset).
+        self.train_iterator = iter(train_data.repeat())
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
         # One validation batch on which BN health (staleness) is measured.
         self.health_batch = next(iter(val_data))
-        with self.strategy.scope():
+        with self.strategy.scope(), checks.input_errors():
             self.model = models.get(
                 config.model,
                 num_classes=num_classes,
@@ -116,6 +141,9 @@ class _Run:
                 image_size=config.image_size,
                 weight_decay=config.weight_decay,
             )
+            # Steps skipped as non-finite (`--on_nonfinite=skip`): with
+            # `optimizer.iterations` they give the position in the run.
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
         models.set_trainable_scopes(self.model, _scopes(config.trainable_scopes))
         self.train_step = optimize_loss(
             self.model,
@@ -135,16 +163,19 @@ class _Run:
             bn_averaging=config.bn_averaging,
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
+            # Non-finite steps are never applied (see `tfloop.nonfinite`).
+            check_numerics=False,
+            on_nonfinite=config.on_nonfinite,
         )
         self.eval_step = steps.make_eval_step(self.model, LOSS, strategy=self.strategy)
-        self._scratch = None
-        self.manager = None
+        self.checkpoints = None
         self.averaged_manager = None
-        self.restored = False
-        self.writer = tf.summary.create_noop_writer()
+        self._writer = None
+        self._summary_dir = None
         if config.model_dir:
             self._open_model_dir(config.model_dir)
-        if config.checkpoint_path and not self.restored:
+        restored = self.checkpoints is not None and self.checkpoints.restored
+        if config.checkpoint_path and not restored:
             # Slim's fine-tuning start; a resumed run continues from its own.
             loaded = models.load_slim_checkpoint(
                 self.model,
@@ -160,39 +191,60 @@ class _Run:
             )
 
     def _open_model_dir(self, model_dir: str) -> None:
-        """Restores the latest checkpoint, if any; opens checkpoints and summaries.
-
-        Every worker restores from `MODEL_DIR/checkpoints`, so a resumed
-        multi-worker run resumes everywhere. Under `MultiWorkerMirroredStrategy`
-        every worker must also take part in a save: the chief writes to
-        `MODEL_DIR`, the others to a private scratch directory they delete, so
-        nothing but the chief's files lands where the chief reads.
-        """
-        items = {"model": self.model, "optimizer": self.train_step.optimizer}
+        """Restores the latest checkpoint, if any; opens checkpoints and summaries."""
+        optimizer = self.train_step.optimizer
+        items = {
+            "model": self.model,
+            "optimizer": optimizer,
+            "train_data": self.train_iterator,
+            "rng": checkpointing.seed_states(self.model),
+            "nonfinite_steps": self.skipped,
+        }
         if not self.config.stock_bn:
             items["bn"] = bn.state(self.model)
-        checkpoint = tf.train.Checkpoint(**items)
-        directory = f"{model_dir}/checkpoints"
-        latest = tf.train.latest_checkpoint(directory)
-        if latest:
-            checkpoint.restore(latest).assert_existing_objects_matched()
-            logging.info("Restored %s", latest)
-            self.restored = True
-        averaged = f"{model_dir}/averaged"
-        if not self.chief:
-            self._scratch = directory = tempfile.mkdtemp(prefix="tfloop_worker_")
-            averaged = f"{directory}/averaged"
-        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+        self.checkpoints = checkpointing.Checkpoints(
+            model_dir=model_dir,
+            items=items,
+            metadata={
+                "model": self.config.model,
+                "num_classes": self.model.output_shape[-1],
+                "image_size": self.config.image_size,
+            },
+            strategy=self.strategy,
+            chief=self.chief,
+            guarded=self.model.variables + optimizer.variables,
+        )
+        if self.checkpoints.restored:
+            logging.info("Restored %s", self.checkpoints.restored)
         if self.config.moving_average_decay:
+            # Beside the chief's checkpoints; in its scratch dir on other workers.
+            averaged = (
+                f"{model_dir}/averaged"
+                if self.chief
+                else f"{self.checkpoints.manager.directory}/averaged"
+            )
             self.averaged_manager = tf.train.CheckpointManager(
                 tf.train.Checkpoint(model=self.model), averaged, max_to_keep=1
             )
         if self.chief:
-            self.writer = tf.summary.create_file_writer(f"{model_dir}/summaries")
+            self._summary_dir = f"{model_dir}/summaries"
+
+    @property
+    def writer(self) -> tf.summary.SummaryWriter:
+        """Opened at the first summary, so that a run refused earlier writes nothing."""
+        if self._writer is None:
+            self._writer = (
+                tf.summary.create_file_writer(self._summary_dir)
+                if self._summary_dir
+                else tf.summary.create_noop_writer()
+            )
+        return self._writer
 
     @property
     def global_step(self) -> int:
-        return int(self.train_step.optimizer.iterations.numpy())
+        """Steps taken: applied (`optimizer.iterations`) and skipped."""
+        iterations = self.train_step.optimizer.iterations.numpy()
+        return int(iterations + self.skipped.numpy())
 
     def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
         """Validation numbers you can trust: recalibrated BN, staleness reported."""
@@ -213,9 +265,11 @@ class _Run:
                 time.perf_counter() - start,
             )
             result = steps.evaluate(self.eval_step, self.val_data)
+            _check_finite_validation(self.model, result["loss"], self.global_step)
             stale = progress.stale_line(moving["loss"], result["loss"])
             if stale:
                 _say(stale)
+        _check_finite_validation(self.model, result["loss"], self.global_step)
         _say(f"precision @ 1 = {result['top1']:.4f} val loss = {result['loss']:.2f}")
         with self.writer.as_default(step=self.global_step):
             summaries.validation(moving=moving, recalibrated=result)
@@ -252,23 +306,29 @@ class _Run:
         return bool(limit) and self.global_step >= limit
 
     def train_epoch(self, epoch: int) -> float:
-        """Runs one epoch (up to --max_number_of_steps); returns its mean accuracy."""
+        """Runs (the rest of) one epoch, up to --max_number_of_steps; returns its mean accuracy."""
         start = time.perf_counter()
         top1_sum = 0.0
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
-        end = first_step + self.steps_per_epoch
+        last_step = epoch * self.steps_per_epoch
         if self.config.max_number_of_steps:
-            end = min(end, self.config.max_number_of_steps + 1)
+            last_step = min(last_step, self.config.max_number_of_steps)
+        every = self.config.checkpoint_every_steps
         bar = progress.EpochBar(
-            steps=end - first_step,
+            steps=last_step - first_step + 1,
             batch_size=self.config.batch_size,
             title=f"Epoch {epoch}/{self.config.epochs}",
         )
         window = (first_step - 1, start)  # Step and time of the last step line.
         with self.writer.as_default():
-            for step in range(first_step, end):
-                metrics = self.train_step(next(self.train_iterator))
-                top1_sum += metrics["top1"]  # Stays a tensor until the epoch ends.
+            for step in range(first_step, last_step + 1):
+                metrics = self.train_step(
+                    distribute.split_batch(self.strategy, next(self.train_iterator))
+                )
+                if nonfinite.check_step(step, metrics, mode=self.config.on_nonfinite):
+                    top1_sum += metrics["top1"]  # A tensor until the epoch ends.
+                else:
+                    self._skipped_step(step, metrics)
                 if step % self.config.log_every == 0:
                     _say(
                         f"step {step}, loss = {float(metrics['loss']):.2f}, "
@@ -284,22 +344,36 @@ class _Run:
                     )
                     window = (step, now)
                 bar.update(step - first_step + 1, metrics)
+                if self.checkpoints is not None:
+                    self.checkpoints.after_step(step)
+                    if every and step % every == 0 and step != last_step:
+                        self.checkpoints.save(step)
         bar.close()
+        steps_run = last_step - first_step + 1
         seconds = time.perf_counter() - start
-        num_steps = max(1, end - first_step)
-        images = num_steps * self.config.batch_size
         logging.info(
             "epoch %d: %d steps, %.1f s, %.1f images/s",
             epoch,
-            num_steps,
+            steps_run,
             seconds,
-            images / seconds,
+            steps_run * self.config.batch_size / seconds,
         )
-        return float(top1_sum) / num_steps
+        return float(top1_sum) / max(steps_run, 1)
+
+    def _skipped_step(self, step: int, metrics: dict) -> None:
+        """`--on_nonfinite=skip`: counts the step, in the log and TensorBoard."""
+        self.skipped.assign_add(1)
+        logging.warning(
+            "step %d skipped: non-finite %s (%d skipped so far)",
+            step,
+            nonfinite.describe(metrics),
+            int(self.skipped.numpy()),
+        )
+        tf.summary.scalar("nonfinite_steps", self.skipped, step=step)
 
     def save(self) -> None:
-        if self.manager is not None:
-            self.manager.save(checkpoint_number=self.global_step)
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.global_step)
 
     def finish(self, results: list[Validation]) -> None:
         """After the last validation: the accuracy picture and the export."""
@@ -317,9 +391,10 @@ class _Run:
                 shutil.rmtree(target, ignore_errors=True)
 
     def close(self) -> None:
-        self.writer.close()
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._writer is not None:
+            self._writer.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
 
 def _scopes(value: str | None) -> list[str]:
@@ -335,26 +410,66 @@ def _count(dataset: tf.data.Dataset) -> int:
     return int(dataset.reduce(0, lambda count, _: count + 1))
 
 
+def _bn_statistics(model: keras.Model) -> list:
+    """Moving means and variances of every BN layer of `model`."""
+    return [
+        variable
+        for layer in bn.layers(model)
+        for variable in (layer.moving_mean, layer.moving_variance)
+    ]
+
+
+def _check_finite_validation(model: keras.Model, loss: float, step: int) -> None:
+    """Validation is non-finite if its loss or any BN statistic is."""
+    bad = nonfinite.nonfinite_variables(_bn_statistics(model))
+    if bad or not math.isfinite(loss):
+        what = f"BN statistics ({bad[0]})" if bad else f"val loss ({loss})"
+        raise NonFiniteError(f"validation after step {step}: non-finite {what}")
+
+
 def train(config: TrainConfig) -> list[Validation]:
     """Runs `config`: validation before training and after every epoch."""
     if config.export_dir:
         export.check_dir(config.export_dir)  # Before hours of training.
     run = _Run(config)
     try:
-        # `epochs` counts from the start of training, resumed runs included.
-        done = run.global_step // run.steps_per_epoch
-        _say("early Validation Step")
-        with run.averaged():
-            results = [run.validate(epoch=done)]
-        for epoch in range(done + 1, config.epochs + 1):
-            if run.finished:
-                break
-            train_top1 = run.train_epoch(epoch)
-            _say("Validation Step")
-            with run.averaged():
-                results.append(run.validate(epoch, train_top1))
-            run.save()  # After recalibration: checkpoints hold precise statistics.
-        run.finish(results)
-        return results
+        return _train(run)
+    except StopIteration:  # The train split yields no batch at all.
+        checks.raise_empty_train(config.batch_size)
+    except tf.errors.OpError as error:
+        input_error = checks.data_error(
+            error,
+            images=lambda: data.encoded_images(
+                config.dataset, data_dir=config.data_dir, splits=("train", "validation")
+            ),
+        )
+        if input_error is None:
+            raise
+        raise input_error from None
     finally:
         run.close()
+
+
+def _train(run: _Run) -> list[Validation]:
+    config = run.config
+    # `epochs` counts from the start of training, resumed runs included.
+    done, into_epoch = divmod(run.global_step, run.steps_per_epoch)
+    _say("early Validation Step")
+    # A run resumed mid-epoch continues from the checkpoint's BN statistics,
+    # as the interrupted run did: its early validation leaves them alone.
+    keep = []
+    if into_epoch:
+        keep = _bn_statistics(run.model)
+        keep += [] if config.stock_bn else bn.state(run.model).counts
+    with checkpointing.unchanged(keep), run.averaged():
+        results = [run.validate(epoch=done)]
+    for epoch in range(done + 1, config.epochs + 1):
+        if run.finished:
+            break
+        train_top1 = run.train_epoch(epoch)
+        _say("Validation Step")
+        with run.averaged():
+            results.append(run.validate(epoch, train_top1))
+        run.save()  # After recalibration: checkpoints hold precise statistics.
+    run.finish(results)
+    return results

@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn
+from tfloop import bn, nonfinite
 from tfloop.bn import audit, averaging, ownership
 
 __all__ = [
@@ -97,10 +97,13 @@ def _per_example(
 ) -> tf.Tensor:
     """`loss_fn`'s per-example losses in float32, times `sample_weight` if given."""
     per_example = loss_fn(labels, tf.cast(logits, tf.float32))
-    if per_example.shape.rank == 0:
+    batch = logits.shape[:1]
+    if per_example.shape.rank == 0 or not per_example.shape[:1].is_compatible_with(
+        batch
+    ):
         raise ValueError(
-            "`loss_fn` returned a scalar; it must return per-example losses of "
-            "shape (batch,), e.g. a Keras loss with `reduction=None`."
+            f"`loss_fn` must return per-example losses of shape {batch}, got "
+            f"shape {per_example.shape}; build Keras losses with `reduction=None`."
         )
     per_example = tf.cast(per_example, tf.float32)
     if sample_weight is None:
@@ -207,6 +210,7 @@ def _metrics(totals: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     if "data_loss" in totals:
         metrics["data_loss"] = totals["data_loss"]
     metrics["top1"] = tf.math.divide_no_nan(totals["correct"], totals["count"])
+    metrics.update({k: totals[k] for k in nonfinite.KEYS if k in totals})
     return metrics
 
 
@@ -229,9 +233,13 @@ class TrainStep:
         bn_audit: str = "warn",
         gradient_transform: GradientTransform | None = None,
         own_bn: bool = True,
+        on_nonfinite: str | None = None,
     ):
         _check_choice("bn_averaging", bn_averaging, averaging.AVERAGING_MODES)
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
+        if on_nonfinite is not None:
+            _check_choice("on_nonfinite", on_nonfinite, nonfinite.MODES)
+        self.on_nonfinite = on_nonfinite
         if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
             raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
         if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -305,23 +313,45 @@ class TrainStep:
             scaled_loss = self.optimizer.scale_loss(loss)
         audit._check_honoured(collector)
         self._audit(audit._silent_layers(self._owned, collector))
-        # Statistics first: they describe the weights that produced them.
-        averaging._apply_updates(
-            reported, decay=self._bn_decay, averaging=self._bn_averaging
-        )
         variables = model.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
         grads_and_vars = list(zip(gradients, variables))
         if self._gradient_transform is not None:
             grads_and_vars = self._transform(grads_and_vars)
-        self.optimizer.apply_gradients(grads_and_vars)
+        flags, finite = self._nonfinite_flags(loss, grads_and_vars, reported)
+        # Statistics describe the weights that produced them: both updates
+        # come from this forward pass, or (a non-finite step) neither.
+        averaging._apply_updates(
+            reported,
+            decay=self._bn_decay,
+            averaging=self._bn_averaging,
+            finite=finite,
+        )
+        nonfinite.apply_if(finite, self.optimizer, grads_and_vars)
         correct, count = _correct_and_count(labels, logits, sample_weight)
         return {
             "loss": loss,
             "data_loss": data_loss,
             "correct": correct,
             "count": count,
+            **flags,
         }
+
+    def _nonfinite_flags(self, loss, grads_and_vars, reported):
+        """`on_nonfinite`'s flags and all-replica finiteness; ({}, None) without it.
+
+        BN moments are checked after the fused reduction (global values). A
+        `LossScaleOptimizer` expects overflowing scaled gradients now and then
+        and skips those steps itself while it lowers the scale, so under it
+        only the loss and the BN moments are checked here.
+        """
+        if self.on_nonfinite is None:
+            return {}, None
+        gradients = [g for g, _ in grads_and_vars]
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            gradients = []
+        moments = [t for m in reported.moments for t in (m.mean, m.variance)]
+        return nonfinite.step_flags(loss, gradients, moments)
 
     def _audit(self, silent: list[str]) -> None:
         """Runs at trace time: reports BN layers that reported no moments.
@@ -495,6 +525,7 @@ def make_train_step(
     bn_audit: str = "warn",
     gradient_transform: GradientTransform | None = None,
     own_bn: bool = True,
+    on_nonfinite: str | None = None,
 ) -> TrainStep:
     """Builds a train step that owns the batch-norm statistics of `model`.
 
@@ -535,6 +566,12 @@ def make_train_step(
       own_bn: False leaves BN to Keras (stock behaviour: statistics assigned
         in `call`, per replica, with constant momentum). Only for comparisons
         and benchmarks; the `bn_*` and `sync_bn` arguments then do nothing.
+      on_nonfinite: None (default) applies every step. `stop` or `skip`: a
+        step whose loss, gradients or BN batch moments hold a NaN or Inf on
+        any replica changes nothing (no weight, optimizer slot, `iterations`
+        or BN statistic) and reports it in `nonfinite_loss`,
+        `nonfinite_gradients` and `nonfinite_bn` (replicas that saw it);
+        `tfloop.nonfinite.check_step` stops or counts (`tfloop.nonfinite`).
 
     Dataset elements are `(images, labels)` or `(images, labels,
     sample_weight)`; labels may be sparse `(B,)`, `(B, 1)` or one-hot.
@@ -556,6 +593,7 @@ def make_train_step(
         bn_audit=bn_audit,
         gradient_transform=gradient_transform,
         own_bn=own_bn,
+        on_nonfinite=on_nonfinite,
     )
 
 

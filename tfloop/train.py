@@ -15,18 +15,24 @@ from absl import app
 from tfloop import demo, flag_topics, runner
 from tfloop import eval as tfloop_eval
 from tfloop import flags as tfloop_flags
+from tfloop.errors import RunError
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = tfloop_flags.config_from_flags()
-    if tfloop_flags.flags.FLAGS.mode == "eval":
-        tfloop_eval.evaluate_from_flags(config)  # Also its own binary: tfloop-eval.
-    elif tfloop_flags.flags.FLAGS.compare_bn:
-        demo.compare_bn(config)
-    else:
-        runner.train(config)
+    try:
+        if tfloop_flags.flags.FLAGS.mode == "eval":
+            tfloop_eval.evaluate_from_flags(config)  # Also its own binary: tfloop-eval.
+        elif tfloop_flags.flags.FLAGS.compare_bn:
+            demo.compare_bn(config)
+        else:
+            runner.train(config)
+    except RunError as error:
+        # One line, no traceback: the message names the bad value.
+        print(f"tfloop-train: {error}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
 
 
 def run() -> None:

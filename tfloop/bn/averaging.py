@@ -123,14 +123,21 @@ def _collect(
     return _Reported(layers, moments), sums
 
 
-def _apply_updates(reported: _Reported, *, decay: float | None, averaging: str) -> None:
+def _apply_updates(
+    reported: _Reported,
+    *,
+    decay: float | None,
+    averaging: str,
+    finite: tf.Tensor | None = None,
+) -> None:
     """Updates every reporting layer's moving statistics once.
 
     A layer whose global count is 0 this step (its branch of a `tf.cond` ran
     on no replica, or every shard was empty) is left as it is. At count 0,
     statistics that differ from the initializer's came from elsewhere
     (restored, pretrained, `model.fit`): they count as a long history
-    (`_HISTORY_COUNT`), so the first step does not throw them away.
+    (`_HISTORY_COUNT`), so the first step does not throw them away. With
+    `finite` False (a non-finite step) nothing changes.
     """
     if not reported.layers:
         return
@@ -156,6 +163,8 @@ def _apply_updates(reported: _Reported, *, decay: float | None, averaging: str) 
     ):
         layer_state.averaging, layer_state.decay = averaging, decay
         updated = m.count > 0
+        if finite is not None:
+            updated &= finite
         for variable, batch_value in (
             (layer.moving_mean, m.mean),
             (layer.moving_variance, m.variance),

@@ -1,0 +1,277 @@
+"""Runs that survive: kill, preemption and resume of `python -m tfloop.train`.
+
+The reference is an uninterrupted run of the same command. Interrupted runs
+are SIGKILLed (or sent SIGTERM) in subprocesses once a mid-epoch checkpoint
+exists, run again, and every tensor of their final checkpoint must equal the
+reference's bit for bit. The one exception is the serialized tf.data iterator
+state: its bytes include prefetch buffers whose fill depends on timing; what
+it yields is covered by every weight matching.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfloop
+from tfloop import checkpointing
+from tfloop.errors import InputError
+
+STEPS = 8
+FLAGS = [
+    "--model=resnet_v1_small",
+    "--image_size=32",
+    "--batch_size=8",
+    "--train_examples=64",
+    "--val_examples=8",
+    f"--steps_per_epoch={STEPS}",
+    "--epochs=1",
+    "--log_every=1",
+    "--bn_recalibrate_batches=1",
+    "--checkpoint_every_steps=2",  # Mid-epoch checkpoints at steps 2, 4 and 6.
+    "--deterministic",
+]
+# Counters of saves, not of training: a preempted run saves once more.
+_SAVE_COUNTERS = ("save_counter/", "checkpointed_runs/")
+TIMEOUT = 240
+_TFLOOP_ROOT = str(Path(tfloop.__file__).parent.parent)
+
+
+def _start(model_dir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_TFLOOP_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    out = open(model_dir.parent / f"{model_dir.name}.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tfloop.train",
+            *FLAGS,
+            f"--model_dir={model_dir}",
+            *extra,
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def _finish(process: subprocess.Popen) -> int:
+    try:
+        return process.wait(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _log(model_dir: Path) -> str:
+    return (model_dir.parent / f"{model_dir.name}.log").read_text(errors="replace")
+
+
+def _wait_for(ready, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        assert process.poll() is None, f"run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT} s"
+        time.sleep(0.02)
+
+
+def _tensors(path: str) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(path)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+        and "ITERATOR_STATE" not in name
+        and not name.startswith(_SAVE_COUNTERS)
+    }
+
+
+def _assert_identical(path: str, reference: str) -> None:
+    got, expected = _tensors(path), _tensors(reference)
+    assert set(got) == set(expected)
+    assert any(name.startswith("bn/counts/") for name in expected)
+    assert any("optimizer/_variables" in name for name in expected)  # Slots.
+    differ = [n for n in expected if not np.array_equal(got[n], expected[n])]
+    assert differ == [], differ
+
+
+def _steps(log: str) -> list[int]:
+    return [int(s) for s in re.findall(r"^step (\d+), ", log, re.MULTILINE)]
+
+
+class _Reference:
+    """The uninterrupted run, started at once and waited for when needed."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.process = _start(model_dir)
+
+    def final_checkpoint(self) -> str:
+        assert _finish(self.process) == 0, _log(self.model_dir)
+        return str(self.model_dir / "checkpoints" / f"ckpt-{STEPS}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> _Reference:
+    return _Reference(tmp_path_factory.mktemp("reference") / "model")
+
+
+def test_preempted_then_killed_run_resumes_bit_identical(reference, tmp_path):
+    """SIGTERM, resume, SIGKILL after a mid-epoch checkpoint, resume: as if never stopped."""
+    model_dir = tmp_path / "model"
+    checkpoints = model_dir / "checkpoints"
+    # 1. SIGTERM once the run is under way: a checkpoint at the next step.
+    process = _start(model_dir)
+    _wait_for(lambda: "early Validation Step" in _log(model_dir), process, "training")
+    process.send_signal(signal.SIGTERM)
+    assert _finish(process) == 42, _log(model_dir)
+    log = _log(model_dir)
+    assert "Traceback" not in log
+    saved = re.findall(
+        r"^tfloop-train: preempted \(SIGTERM\): saved `(\S+)` after step (\d+); "
+        r"run the same command to resume$",
+        log,
+        re.MULTILINE,
+    )
+    assert len(saved) == 1, log[-3000:]
+    path, step = saved[0][0], int(saved[0][1])
+    assert step == _steps(log)[-1] and path.endswith(f"ckpt-{step}")
+    assert path == tf.train.latest_checkpoint(str(checkpoints))
+    # 2. Resume, and SIGKILL at a random moment after a mid-epoch checkpoint.
+    before = len(log)
+    process = _start(model_dir)
+    mid_epoch = random.choice([number for number in (2, 4, 6) if number > step])
+
+    def latest() -> int:
+        return int(tf.train.latest_checkpoint(str(checkpoints)).rsplit("-", 1)[1])
+
+    _wait_for(lambda: latest() >= mid_epoch, process, f"ckpt-{mid_epoch}")
+    time.sleep(random.uniform(0.0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log = _log(model_dir)
+    assert _steps(log[before:])[0] == step + 1, log[before:][-3000:]
+    killed_after = latest()
+    # 3. Resume to the end.
+    before = len(log)
+    assert _finish(_start(model_dir)) == 0, _log(model_dir)
+    assert _steps(_log(model_dir)[before:]) == list(range(killed_after + 1, STEPS + 1))
+    _assert_identical(str(checkpoints / f"ckpt-{STEPS}"), reference.final_checkpoint())
+
+
+def test_model_dir_of_another_model_is_refused_untouched(reference):
+    model_dir = Path(reference.final_checkpoint()).parent.parent
+    before = {p: p.read_bytes() for p in sorted(model_dir.rglob("*")) if p.is_file()}
+    process = _start(model_dir, "--model=inception_v1")
+    assert _finish(process) == 1
+    lines = [line for line in _log(model_dir).splitlines() if "tfloop-train:" in line]
+    assert lines[-1] == (
+        f"tfloop-train: `--model_dir`={model_dir} holds a run with "
+        "--model=resnet_v1_small, not --model=inception_v1; use another --model_dir"
+    )
+    after = {p: p.read_bytes() for p in sorted(model_dir.rglob("*")) if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "key, value", [("model", "resnet_v1_50"), ("num_classes", 5), ("image_size", 64)]
+)
+def test_every_remembered_flag_is_checked(key, value, tmp_path):
+    metadata = {"model": "resnet_v1_small", "num_classes": 4, "image_size": 32}
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / checkpointing.METADATA_FILENAME).write_text(
+        json.dumps(metadata)
+    )
+    checkpointing.check_compatible(str(tmp_path), metadata)
+    with pytest.raises(InputError) as error:
+        checkpointing.check_compatible(str(tmp_path), {**metadata, key: value})
+    assert str(error.value) == (
+        f"`--model_dir`={tmp_path} holds a run with --{key}={metadata[key]}, not "
+        f"--{key}={value}; use another --model_dir"
+    )
+
+
+def _dense(units: int) -> keras.Model:
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(units)])
+
+
+def test_checkpoint_of_another_model_without_metadata_is_refused(tmp_path):
+    """Model dirs from before the metadata file: the restore itself is checked."""
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=_dense(4)), str(tmp_path / "checkpoints"), 1
+    ).save()
+    with pytest.raises(
+        InputError, match=r"checkpoint `\S+ckpt-1` does not fit this run"
+    ):
+        checkpointing.Checkpoints(
+            model_dir=str(tmp_path),
+            items={"model": _dense(5)},
+            metadata={},
+            strategy=tf.distribute.get_strategy(),
+            chief=True,
+            guarded=[],
+        )
+
+
+_KILLED_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import keras, tensorflow as tf
+    from tensorflow.python.checkpoint import checkpoint_management
+    from tfloop import checkpointing
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    checkpoints = checkpointing.Checkpoints(
+        model_dir=sys.argv[1], items={"model": model}, metadata={"model": "dense"},
+        strategy=tf.distribute.get_strategy(), chief=True, guarded=model.variables)
+    checkpoints.save(1)
+    model.layers[0].kernel.assign(tf.ones([3, 2]))
+
+    def killed(*args, **kwargs):  # The data of ckpt-2 is written; die now.
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint_management.update_checkpoint_state_internal = killed
+    checkpoints.save(2)
+    """
+)
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=_TFLOOP_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    directory = str(tmp_path / "checkpoints")
+    assert any(
+        p.name.startswith("ckpt-2") for p in (tmp_path / "checkpoints").iterdir()
+    )
+    latest = tf.train.latest_checkpoint(directory)
+    assert latest.endswith("ckpt-1")
+    model = _dense(2)
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    # The state of step 1, not the ones assigned before the killed save.
+    assert not np.array_equal(model.layers[0].kernel.numpy(), np.ones([3, 2]))
