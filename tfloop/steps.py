@@ -570,7 +570,8 @@ def make_train_step(
         step whose loss, gradients or BN batch moments hold a NaN or Inf on
         any replica changes nothing (no weight, optimizer slot, `iterations`
         or BN statistic) and reports it in `nonfinite_loss`,
-        `nonfinite_gradients` and `nonfinite_bn` (replicas that saw it);
+        `nonfinite_gradients` and `nonfinite_bn` (replicas that saw it; BN
+        moments are checked after the reduction, so every replica sees them);
         `tfloop.nonfinite.check_step` stops or counts (`tfloop.nonfinite`).
 
     Dataset elements are `(images, labels)` or `(images, labels,
