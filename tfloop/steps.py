@@ -12,6 +12,7 @@ elements. Each step object exposes two levels, so it fits any trainer:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import keras
@@ -113,8 +114,9 @@ class TrainStep:
             # variables is traced twice, which doubles the first step's time.
             with strategy.scope():
                 optimizer.build(model.trainable_variables)
-        self._traced_freeze = None
-        self._function = None
+        # Traced functions by name ("step", "loop"), with the freeze state
+        # they were traced for.
+        self._functions: dict[str, tuple[tuple, Callable]] = {}
         self._silent: list[str] = []
         self._defer_audit_errors = False
 
@@ -196,31 +198,73 @@ class TrainStep:
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
         """Runs one step on one element of the (distributed) dataset."""
+        return self._traced("step", self._step, element)(element)
+
+    def run(self, iterator, num_steps: int) -> dict[str, tf.Tensor]:
+        """Runs `num_steps` steps in one `tf.function` call, as Orbit does.
+
+        The steps take their elements from `iterator` (of a dataset, or of a
+        distributed dataset of the step's strategy), which must have
+        `num_steps` more. Results are bit-identical to `num_steps` calls of
+        the step on `next(iterator)` when the iterator's element shapes are
+        those of its elements (a static batch size, as `drop_remainder=True`
+        gives; the single step is traced for its element's shapes, and
+        grappler folds static shapes into different but equivalent
+        arithmetic). The per-call overhead (a host round
+        trip, which dominates small models and batches) is paid once per
+        call. `num_steps` is a tensor inside, so calls of any length share
+        one trace.
+
+        Returns:
+          The last step's `loss`, `data_loss` and `top1`, and `top1_sum`, the
+          sum of every step's `top1` (for the mean training accuracy).
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+            raise TypeError(f"`num_steps` must be an integer, got {num_steps!r}.")
+        if num_steps < 1:
+            raise ValueError(f"`num_steps` must be at least 1, got {num_steps!r}.")
+        num_steps = tf.constant(int(num_steps), tf.int32)
+        return self._traced("loop", self._loop, iterator, num_steps)(
+            iterator, num_steps
+        )
+
+    def _loop(self, iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+        zero = tf.constant(0.0, tf.float32)
+        metrics = {"loss": zero, "data_loss": zero, "top1": zero}
+        top1_sum = zero
+        for _ in tf.range(num_steps):
+            metrics = self._step(next(iterator))
+            top1_sum += metrics["top1"]
+        return {**metrics, "top1_sum": top1_sum}
+
+    def _traced(self, name: str, python_fn: Callable, *args) -> Callable:
+        """The `tf.function` of `python_fn`, traced for `args` if not yet.
+
+        A `tfloop.bn.freeze` after tracing changes what the graph must do:
+        trace again rather than silently ignore it. Tracing before running
+        lets `bn_audit="error"` stop the first step before it changes
+        anything, with a plain exception.
+        """
         freeze = tuple((s.frozen, layer.trainable) for layer, s in self._owned)
-        if self._function is None or freeze != self._traced_freeze:
-            # A `tfloop.bn.freeze` after tracing changes what the graph must
-            # do: trace again rather than silently ignore it.
-            self._function = tf.function(self._step)
-            self._traced_freeze = freeze
-            # Trace before running, so that `bn_audit="error"` stops the
-            # first step before it changes anything, with a plain exception.
-            self._defer_audit_errors = True
-            try:
-                self._function.get_concrete_function(element)
-            finally:
-                self._defer_audit_errors = False
-            if self._silent and self._bn_audit == "error":
-                raise bn.BatchNormAuditError(audit._audit_message(self._silent))
-        return self._function(element)
+        traced = self._functions.get(name)
+        if traced is not None and traced[0] == freeze:
+            return traced[1]
+        function = tf.function(python_fn)
+        self._functions[name] = (freeze, function)
+        self._defer_audit_errors = True
+        try:
+            function.get_concrete_function(*args)
+        finally:
+            self._defer_audit_errors = False
+        if self._silent and self._bn_audit == "error":
+            raise bn.BatchNormAuditError(audit._audit_message(self._silent))
+        return function
 
     @property
     def tracing_count(self) -> int:
         """How many times the step was traced (one per input signature)."""
-        return (
-            0
-            if self._function is None
-            else self._function.experimental_get_tracing_count()
-        )
+        traced = self._functions.get("step")
+        return 0 if traced is None else traced[1].experimental_get_tracing_count()
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
