@@ -16,6 +16,7 @@ says so in one line when the moving averages were stale.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from absl import logging
 
 from tfloop import bn, data, distribute, models, steps
 from tfloop.config import TrainConfig
-from tfloop.optimize import optimize_loss
+from tfloop.optimize import OPTIMIZER_CLS_NAMES, optimize_loss
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
@@ -71,7 +72,11 @@ class _Run:
             "seed": config.seed,
         }
         train_data, classes = data.load(
-            config.dataset, split="train", num_examples=config.train_examples, **load
+            config.dataset,
+            split="train",
+            num_examples=config.train_examples,
+            cache=config.cache,
+            **load,
         )
         val_data, _ = data.load(
             config.dataset, split="validation", num_examples=config.val_examples, **load
@@ -97,7 +102,7 @@ class _Run:
         )
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
-        with self.strategy.scope():
+        with self.strategy.scope(), _dtype_policy(config.mixed_precision):
             self.model = models.get(
                 config.model,
                 num_classes=num_classes,
@@ -108,12 +113,15 @@ class _Run:
             self.model,
             LOSS,
             learning_rate=config.learning_rate,
-            optimizer=config.optimizer,
+            optimizer=_optimizer(config),
             strategy=self.strategy,
-            summaries=("loss", "learning_rate"),
+            # XLA has no summary ops: with `--jit_compile` only validation
+            # writes summaries.
+            summaries=() if config.jit_compile else ("loss", "learning_rate"),
             bn_averaging=config.bn_averaging,
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
+            jit_compile=config.jit_compile,
         )
         self.eval_step = steps.make_eval_step(self.model, LOSS, strategy=self.strategy)
         self._scratch = None
@@ -192,13 +200,19 @@ class _Run:
         start = time.perf_counter()
         top1_sum = 0.0
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
+        log_every = self.config.log_every
         with self.writer.as_default():
-            for step in range(first_step, first_step + self.steps_per_epoch):
-                metrics = self.train_step(next(self.train_iterator))
-                top1_sum += metrics["top1"]  # Stays a tensor until the epoch ends.
-                if step % self.config.log_every == 0:
+            for first, last in _loops(
+                first_step,
+                first_step + self.steps_per_epoch - 1,
+                steps_per_loop=self.config.steps_per_loop,
+                log_every=log_every,
+            ):
+                metrics = self.train_step.run(self.train_iterator, last - first + 1)
+                top1_sum += metrics["top1_sum"]  # A tensor until the epoch ends.
+                if last % log_every == 0:
                     _say(
-                        f"step {step}, loss = {float(metrics['loss']):.2f}, "
+                        f"step {last}, loss = {float(metrics['loss']):.2f}, "
                         f"training_acc = {float(metrics['top1']):.4f}"
                     )
         seconds = time.perf_counter() - start
@@ -220,6 +234,52 @@ class _Run:
         self.writer.close()
         if self._scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _loops(
+    first: int, last: int, *, steps_per_loop: int, log_every: int
+) -> list[tuple[int, int]]:
+    """Splits steps `first..last` into calls of at most `steps_per_loop` steps.
+
+    A call ends at every multiple of `log_every`, so the step lines print at
+    the same step numbers whatever `steps_per_loop` is.
+    """
+    loops = []
+    while first <= last:
+        next_log = -(-first // log_every) * log_every  # First multiple >= first.
+        end = min(first + steps_per_loop - 1, last, next_log)
+        loops.append((first, end))
+        first = end + 1
+    return loops
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    """Builds layers under Keras dtype policy `name`; restores the global one.
+
+    Layers keep the policy they were built with, so the process-wide policy
+    is set only while the model is built (other runs in the process, e.g.
+    `--compare_bn`'s variants, are not affected).
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _optimizer(config: TrainConfig):
+    """The optimizer name, or for mixed_float16 a loss-scaled optimizer factory.
+
+    float16 gradients underflow without loss scaling; bfloat16 has float32's
+    range and needs none.
+    """
+    if config.mixed_precision != "mixed_float16":
+        return config.optimizer
+    factories = {name.lower(): f for name, f in OPTIMIZER_CLS_NAMES.items()}
+    factory = factories[config.optimizer.lower()]
+    return lambda rate: keras.optimizers.LossScaleOptimizer(factory(learning_rate=rate))
 
 
 def _count(dataset: tf.data.Dataset) -> int:

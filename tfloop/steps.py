@@ -87,12 +87,26 @@ class TrainStep:
         bn_audit: str = "warn",
         gradient_transform: GradientTransform | None = None,
         own_bn: bool = True,
+        jit_compile: bool = False,
     ):
         _check_choice("bn_averaging", bn_averaging, averaging.AVERAGING_MODES)
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
         if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
             raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
+        if gradient_transform is not None and isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            raise ValueError(
+                "`gradient_transform` would see loss-scaled gradients of the "
+                "`LossScaleOptimizer`; use one or the other."
+            )
         strategy = strategy or tf.distribute.get_strategy()
+        if jit_compile and strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "`jit_compile=True` needs a single replica: the optimizer's "
+                "cross-replica update cannot be compiled by XLA; got "
+                f"{strategy.num_replicas_in_sync} replicas."
+            )
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -102,6 +116,13 @@ class TrainStep:
         self._sync_bn = sync_bn
         self._bn_audit = bn_audit
         self._gradient_transform = gradient_transform
+        # XLA compiles the per-replica body; the loop of `run` reads its
+        # iterator outside it (XLA has no input ops).
+        self._replica_body = (
+            tf.function(self.replica_fn, jit_compile=True)
+            if jit_compile
+            else self.replica_fn
+        )
         self._owned = []
         if own_bn:
             with strategy.scope():
@@ -136,6 +157,8 @@ class TrainStep:
             loss = data_loss
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            # A `LossScaleOptimizer` (mixed_float16) unscales what it gets.
+            scaled_loss = self.optimizer.scale_loss(loss)
         self._audit(audit._silent_layers(self._owned, collector))
         # Statistics first: they describe the weights that produced them.
         averaging._apply_updates(
@@ -145,7 +168,7 @@ class TrainStep:
             averaging=self._bn_averaging,
         )
         variables = model.trainable_variables
-        gradients = tape.gradient(loss, variables)
+        gradients = tape.gradient(scaled_loss, variables)
         grads_and_vars = list(zip(gradients, variables))
         if self._gradient_transform is not None:
             grads_and_vars = self._transform(grads_and_vars)
@@ -189,7 +212,7 @@ class TrainStep:
         return grads_and_vars
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        sums = _run_and_sum(self.strategy, self.replica_fn, element)
+        sums = _run_and_sum(self.strategy, self._replica_body, element)
         return {
             "loss": sums["loss"],
             "data_loss": sums["data_loss"],
@@ -284,6 +307,7 @@ def make_train_step(
     bn_audit: str = "warn",
     gradient_transform: GradientTransform | None = None,
     own_bn: bool = True,
+    jit_compile: bool = False,
 ) -> TrainStep:
     """Builds a train step that owns the batch-norm statistics of `model`.
 
@@ -309,6 +333,8 @@ def make_train_step(
       own_bn: False leaves BN to Keras (stock behaviour: statistics assigned
         in `call`, per replica, with constant momentum). Only for comparisons
         and benchmarks; the `bn_*` and `sync_bn` arguments then do nothing.
+      jit_compile: compile the per-replica step with XLA (one replica only).
+        Off by default: on CPU it does not pay (`benchmarks/README.md`).
 
     Returns:
       A `TrainStep`; `step(element)` returns `loss`, `data_loss` and `top1`.
@@ -324,6 +350,7 @@ def make_train_step(
         bn_audit=bn_audit,
         gradient_transform=gradient_transform,
         own_bn=own_bn,
+        jit_compile=jit_compile,
     )
 
 
