@@ -220,3 +220,216 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
         path
     ).assert_consumed()
     assert [int(c.numpy()) for c in bn.state(restored).counts] == [3, 3]
+
+
+# --- BN layers as users write them ------------------------------------------
+
+
+class FrozenBatchNorm(keras.layers.BatchNormalization):
+    """Detection-style frozen BN: always inference mode, whatever `training` says."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=False, mask=mask)
+
+
+class SelfUpdatingBatchNorm(keras.layers.BatchNormalization):
+    """A subclass whose own `call` trains (stock Keras would update it)."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs * 1.0, training=training, mask=mask)
+
+
+def _with(norm: keras.layers.Layer) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4), norm, keras.layers.Dense(2)]
+    )
+
+
+def test_subclass_with_its_own_call_is_honoured_not_owned():
+    norm = FrozenBatchNorm(name="frozen_bn")
+    model = _with(norm)
+    norm.moving_mean.assign([1.0, 2.0, 3.0, 4.0])
+    x, y = _data()
+    expected = model(x, training=False).numpy()  # Its own call: moving stats.
+    step = tfloop.make_train_step(
+        model, keras.optimizers.SGD(0.0), LOSS, bn_audit="error"
+    )
+    step((x, y))
+    assert bn.layers(model) == [norm] and bn.state(model).counts == []
+    np.testing.assert_array_equal(norm.moving_mean.numpy(), [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(model(x, training=True), expected, rtol=1e-6)
+
+
+def test_subclass_whose_call_trains_is_refused_by_name():
+    model = _with(SelfUpdatingBatchNorm(name="custom_bn"))
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.1), LOSS)
+    with pytest.raises(
+        bn.BatchNormAuditError, match="SelfUpdatingBatchNorm.*custom_bn"
+    ):
+        step(_data())
+
+
+class Gated(keras.layers.Layer):
+    """BN inside `tf.cond` (stochastic-depth style) and in a `tf.while_loop`."""
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        self.mode = mode
+        self.norm = keras.layers.BatchNormalization(momentum=0.9)
+
+    def build(self, shape):
+        self.norm.build(shape)
+
+    def call(self, x, training=None):
+        if self.mode == "cond":
+            use = tf.reduce_mean(x) > -100.0 if self.mode == "cond" else None
+            return tf.cond(use, lambda: self.norm(x, training=training), lambda: x)
+        if self.mode == "skip":
+            return tf.cond(
+                tf.reduce_mean(x) > 1e6,
+                lambda: self.norm(x, training=training),
+                lambda: x,
+            )
+
+        # "while": the same layer on x, x + 1, x + 2 (a recurrent cell's BN).
+        def body(i, total):
+            shifted = x + tf.cast(i, x.dtype)
+            return i + 1, total + self.norm(shifted, training=training)
+
+        _, total = tf.while_loop(lambda i, _: i < 3, body, [0, tf.zeros_like(x)])
+        return total
+
+
+def _gated(mode: str) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4, name="d")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2)(Gated(mode, name="gated")(hidden)))
+
+
+@pytest.mark.parametrize("mode", ["cond", "while", "skip"])
+def test_bn_inside_control_flow_is_owned(mode, caplog):
+    model = _gated(mode)
+    layer = bn.layers(model)[0]
+    step = tfloop.make_train_step(
+        model, keras.optimizers.SGD(0.0), LOSS, bn_audit="error", bn_averaging="debias"
+    )
+    x, y = _data()
+    with caplog.at_level(std_logging.WARNING):
+        step((x, y))
+    kernel, bias = (w.numpy() for w in model.get_layer("d").weights)
+    h = (x @ kernel + bias).astype("float64")
+    if mode == "skip":  # The branch never ran: nothing changes, nothing counts.
+        np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(4))
+        assert int(bn.state(model).counts[0].numpy()) == 0
+        return
+    inputs = h if mode == "cond" else np.concatenate([h, h + 1, h + 2])
+    # Debiased after one step: exactly the batch moments, pooled over calls.
+    np.testing.assert_allclose(layer.moving_mean.numpy(), inputs.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), inputs.var(0), rtol=1e-4)
+    assert int(bn.state(model).counts[0].numpy()) == 1
+    assert "unchanged" not in caplog.text
+
+
+@pytest.mark.parametrize("averaging", ["debias", "ramp", "plain"])
+def test_restored_statistics_count_as_history(averaging, tmp_path):
+    """Statistics from `model.fit`, restored by a checkpoint, are not thrown away."""
+    x, y = _data(n=32, width=5, seed=1)
+    x = x * 3.0 + 10.0
+    stock = mlp(momentum=0.5)
+    stock.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    stock.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    path = tf.train.Checkpoint(model=stock).write(str(tmp_path / "stock"))
+    model = mlp(momentum=0.999)
+    tf.train.Checkpoint(model=model).read(path).assert_existing_objects_matched()
+    restored = [layer.moving_mean.numpy().copy() for layer in bn.layers(model)]
+    assert np.abs(restored[0]).max() > 1.0
+    step = tfloop.make_train_step(
+        model, keras.optimizers.SGD(0.0), LOSS, bn_averaging=averaging
+    )
+    batch = x[:16]
+    step((batch, y[:16]))
+    h1 = numpy_bn_inputs(model, batch)[0]
+    expected = 0.999 * restored[0] + 0.001 * h1.mean(0)
+    np.testing.assert_allclose(
+        bn.layers(model)[0].moving_mean.numpy(), expected, rtol=1e-5
+    )
+    assert all(s.initial_weight == 0.0 for s in bn.staleness(model, batch))
+
+
+def test_fresh_statistics_are_still_debiased_from_the_initializer():
+    model = mlp(momentum=0.999)
+    x, y = _data(n=16, width=5)
+    tfloop.make_train_step(model, keras.optimizers.SGD(0.0), LOSS)((x, y))
+    h1 = numpy_bn_inputs(model, x)[0]
+    np.testing.assert_allclose(
+        bn.layers(model)[0].moving_mean.numpy(), h1.mean(0), rtol=1e-5
+    )
+
+
+def test_unfreeze_restores_exactly_what_freeze_found():
+    backbone = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4), keras.layers.BatchNormalization()],
+        name="backbone",
+    )
+    inputs = keras.Input((4,))
+    head = keras.layers.BatchNormalization(name="head_bn")(backbone(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(head))
+    backbone.trainable = False
+    bn.freeze(model)
+    assert not any(layer.trainable for layer in bn.layers(model))
+    bn.unfreeze(model)
+    assert {layer.name: layer.trainable for layer in bn.layers(model)} == {
+        backbone.layers[1].name: False,
+        "head_bn": True,
+    }
+
+
+def test_staleness_reports_how_the_updating_step_averages():
+    model = mlp(momentum=0.9)
+    x, y = _data(n=16, width=5)
+    plain = tfloop.make_train_step(
+        model, keras.optimizers.SGD(0.0), LOSS, bn_averaging="plain"
+    )
+    tfloop.make_train_step(model, keras.optimizers.SGD(0.0), LOSS, bn_decay=0.5)
+    for _ in range(2):
+        plain((x, y))
+    assert bn.staleness(model, x)[0].initial_weight == pytest.approx(0.9**2)
+
+
+def test_audit_error_keeps_its_type_inside_a_users_tf_function():
+    step = tfloop.make_train_step(
+        HardCodedInference(), keras.optimizers.SGD(0.1), LOSS, bn_audit="error"
+    )
+
+    @tf.function
+    def user_loop(x, y):
+        return step.replica_fn(x, y)
+
+    with pytest.raises(bn.BatchNormAuditError, match="stuck"):
+        user_loop(*_data())
+
+
+def test_audit_warns_once_under_two_replicas(mirrored, caplog):
+    with mirrored.scope():
+        model = HardCodedInference()
+        model(np.zeros((1, 4), "float32"))
+        optimizer = keras.optimizers.SGD(0.1)
+    step = tfloop.make_train_step(model, optimizer, LOSS)
+    dataset = tf.data.Dataset.from_tensor_slices(_data()).batch(8)
+    with caplog.at_level(std_logging.WARNING):
+        step(next(iter(mirrored.experimental_distribute_dataset(dataset))))
+    assert caplog.text.count("BatchNormalization layer(s) will keep") == 1
+
+
+def test_strategy_is_taken_from_the_models_variables(mirrored):
+    with mirrored.scope():
+        model = mlp()
+        optimizer = keras.optimizers.SGD(0.1)
+    step = tfloop.make_train_step(model, optimizer, LOSS)  # Outside the scope.
+    assert step.strategy is mirrored
+    x, y = _data(n=8, width=5)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    step(next(iter(mirrored.experimental_distribute_dataset(dataset))))
+    assert int(bn.state(model).counts[0].numpy()) == 1

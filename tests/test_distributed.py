@@ -228,9 +228,12 @@ def test_one_all_reduce_for_all_bn_layers(mirrored, monkeypatch):
             mirrored, monkeypatch, num_bn, own_bn=False
         )
 
-    assert bn_reductions(1) == bn_reductions(4) == 1
-    # The counter sees per-layer reductions: synchronized BN makes some per layer.
-    assert bn_reductions(4, sync_bn=True) >= 4 * bn_reductions(1, sync_bn=True) > 0
+    # Every BN layer's moments ride on the all-reduce that the step makes
+    # anyway for the global example count: no reduction of their own.
+    assert bn_reductions(1) == bn_reductions(4) == 0
+    # Synchronized BN needs one all-reduce per layer in the forward pass, and
+    # its gradient one in the backward pass (Keras' own makes three of each).
+    assert bn_reductions(4, sync_bn=True) == 4 * bn_reductions(1, sync_bn=True) == 8
 
 
 def _checkpoint(model: keras.Model) -> tf.train.Checkpoint:
@@ -289,3 +292,169 @@ def test_an_empty_shard_counts_for_nothing(mirrored):
                 np.testing.assert_allclose(
                     copy, expected, rtol=1e-5, atol=1e-6, err_msg=name
                 )
+
+
+# --- Nothing silently wrong across replicas ---------------------------------
+
+
+def _uneven_batches() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Global batches of 5 (3 + 2 per replica) and 1 (1 + an empty shard)."""
+    x, y = _global_batches()[0]
+    return [(x[:5], y[:5]), (x[5:6], y[5:6])]
+
+
+def _train_losses(builder, strategy, batches, **step_args):
+    reference = builder()
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
+    with scope:
+        model = builder()
+        model.set_weights(reference.get_weights())
+        optimizer = keras.optimizers.SGD(0.5)
+    step = tfloop.make_train_step(
+        model, optimizer, LOSS, strategy=strategy, **step_args
+    )
+    elements = (
+        strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(
+                tuple(np.concatenate(parts) for parts in zip(*batches))
+            ).batch(5)
+        )
+        if strategy
+        else batches
+    )
+    losses = [float(step(element)["loss"]) for element in elements]
+    return model, losses
+
+
+@pytest.mark.parametrize("builder", [mlp, _no_bn], ids=["bn", "no_bn"])
+def test_uneven_and_empty_shards_equal_one_device(mirrored, builder):
+    batches = _uneven_batches()
+    distributed, losses = _train_losses(builder, mirrored, batches, sync_bn=True)
+    one_device, expected = _train_losses(builder, None, batches)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    for variable, reference in zip(distributed.weights, one_device.weights):
+        for copy in _copies(variable):
+            np.testing.assert_allclose(
+                copy, reference.numpy(), rtol=1e-5, atol=1e-6, err_msg=variable.path
+            )
+
+
+def _input_normalizer(**bn_args) -> keras.Model:
+    """BN as the first layer: it sees the raw features (an input normalizer)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.BatchNormalization(**bn_args),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def _large_mean_batch(mean: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    x = (mean + rng.normal(size=(16, 3)) * [1.0, 0.5, 2.0]).astype("float32")
+    x[8:] += 0.5  # Replica 1's shard differs from replica 0's.
+    return x, rng.integers(0, 2, 16)
+
+
+@pytest.mark.parametrize("mean", [1e3, 1e4])
+@pytest.mark.parametrize(
+    "how", ["step", "sync_bn", "synchronized_layer", "recalibrate"]
+)
+def test_pooled_variance_is_exact_at_large_means(mirrored, mean, how):
+    x, y = _large_mean_batch(mean)
+    with mirrored.scope():
+        model = _input_normalizer(synchronized=how == "synchronized_layer")
+        optimizer = keras.optimizers.SGD(0.0)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    if how == "recalibrate":
+        bn.recalibrate(model, dataset, num_batches=1, strategy=mirrored)
+    else:
+        step = tfloop.make_train_step(
+            model, optimizer, LOSS, strategy=mirrored, sync_bn=how == "sync_bn"
+        )
+        step(next(iter(mirrored.experimental_distribute_dataset(dataset))))
+    layer = bn.layers(model)[0]
+    exact = x.astype("float64")  # The float32 inputs, pooled in float64.
+    for copy in _copies(layer.moving_variance):
+        np.testing.assert_allclose(copy, exact.var(0), rtol=1e-3)
+    for copy in _copies(layer.moving_mean):
+        np.testing.assert_allclose(copy, exact.mean(0), rtol=1e-6)
+
+
+def test_synchronized_layers_normalize_with_global_moments(mirrored):
+    """A layer with `synchronized=True` trains like one device, `sync_bn` or not."""
+
+    def builder():
+        keras.utils.set_random_seed(1)
+        return keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(6),
+                keras.layers.BatchNormalization(synchronized=True),
+                keras.layers.ReLU(),
+                keras.layers.Dense(4),
+            ]
+        )
+
+    batches = _global_batches()
+    distributed = _train(builder, mirrored, batches, learning_rate=0.5)
+    one_device = _train(builder, None, batches, learning_rate=0.5)
+    for variable, reference in zip(distributed.weights, one_device.weights):
+        for copy in _copies(variable):
+            np.testing.assert_allclose(
+                copy, reference.numpy(), rtol=1e-5, atol=1e-6, err_msg=variable.path
+            )
+
+
+def test_bn_inside_tf_cond_pools_every_replica(mirrored):
+    class Gated(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.norm = keras.layers.BatchNormalization()
+
+        def build(self, shape):
+            self.norm.build(shape)
+
+        def call(self, x, training=None):
+            return tf.cond(
+                tf.size(x) >= 0, lambda: self.norm(x, training=training), lambda: x
+            )
+
+    with mirrored.scope():
+        keras.utils.set_random_seed(2)
+        model = keras.Sequential([keras.Input((5,)), Gated(), keras.layers.Dense(4)])
+        optimizer = keras.optimizers.SGD(0.0)
+    step = tfloop.make_train_step(model, optimizer, LOSS, bn_audit="error")
+    x, y = _global_batches()[0]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    step(next(iter(mirrored.experimental_distribute_dataset(dataset))))
+    layer = bn.layers(model)[0]
+    for copy in _copies(layer.moving_variance):
+        np.testing.assert_allclose(copy, x.astype("float64").var(0), rtol=1e-4)
+
+
+def test_reduce_metrics_gives_global_values_in_both_contexts(mirrored):
+    values = {
+        "loss": [0.25, 0.5],
+        "data_loss": [0.2, 0.4],
+        "correct": [3.0, 1.0],
+        "count": [4.0, 4.0],
+    }
+
+    def replica(key):
+        return lambda context: tf.constant(
+            values[key][context.replica_id_in_sync_group]
+        )
+
+    per_replica = {
+        key: mirrored.experimental_distribute_values_from_function(replica(key))
+        for key in values
+    }
+    expected = {"loss": 0.75, "data_loss": 0.6, "top1": 0.5}
+    cross = tfloop.reduce_metrics(per_replica, mirrored)
+    assert {k: float(v) for k, v in cross.items()} == pytest.approx(expected)
+    inside = mirrored.run(lambda v: tfloop.reduce_metrics(v), args=(per_replica,))
+    for key, value in expected.items():
+        assert [float(t) for t in _copies(inside[key])] == pytest.approx([value] * 2)

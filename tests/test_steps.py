@@ -210,3 +210,188 @@ def test_run_rejects_a_bad_number_of_steps():
     for bad in (0, -2, 2.0, True):
         with pytest.raises((ValueError, TypeError), match=f"`num_steps`.*{bad!r}"):
             step.run(iterator, bad)
+
+
+# --- Nothing silently wrong: dtypes, labels, eager, weights ----------------
+
+
+def _dense_bn(units=3):
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6, name="d1"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Dense(units, name="out"),
+        ]
+    )
+
+
+def _tabular(n=16, seed=0, classes=3):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 5)).astype("float32"), rng.integers(0, classes, n)
+
+
+@pytest.fixture
+def policy():
+    """Sets a global dtype policy for one test, and restores float32 after it."""
+    yield keras.config.set_dtype_policy
+    keras.config.set_dtype_policy("float32")
+
+
+def _one_step_delta(model, optimizer, element):
+    before = [w.numpy().astype("float64") for w in model.trainable_weights]
+    step = tfloop.make_train_step(model, optimizer, LOSS)
+    step(element)
+    after = [w.numpy().astype("float64") for w in model.trainable_weights]
+    return step, [a - b for a, b in zip(after, before)]
+
+
+@pytest.mark.parametrize(
+    "name,wrap",
+    [("mixed_float16", True), ("mixed_float16", False), ("mixed_bfloat16", False)],
+)
+def test_mixed_precision_update_equals_float32_update(policy, name, wrap):
+    element = _tabular()
+    reference = _dense_bn()
+    weights = reference.get_weights()
+    _, expected = _one_step_delta(reference, keras.optimizers.SGD(0.5), element)
+    policy(name)
+    model = _dense_bn()
+    model.set_weights(weights)
+    optimizer = keras.optimizers.SGD(0.5)
+    if wrap:
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    step, delta = _one_step_delta(model, optimizer, element)
+    if name == "mixed_float16":  # A plain optimizer is wrapped, as compile does.
+        assert isinstance(step.optimizer, keras.mixed_precision.LossScaleOptimizer)
+    tolerance = 2e-2 if name == "mixed_bfloat16" else 3e-3
+    # (d1's bias gets no gradient through BN: its update is ~0 either way.)
+    scale = max(np.abs(want).max() for want in expected)
+    assert scale > 1e-2
+    for got, want in zip(delta, expected):
+        np.testing.assert_allclose(got, want, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("shape", ["(B,)", "(B, 1)", "one-hot"])
+def test_top1_is_true_for_every_label_shape(shape):
+    model = _dense_bn(units=4)
+    x, y = _tabular(classes=4)
+    labels = {
+        "(B,)": y,
+        "(B, 1)": y[:, None],
+        "one-hot": np.eye(4, dtype="float32")[y],
+    }[shape]
+    loss = (
+        keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        if shape == "one-hot"
+        else LOSS
+    )
+    # Reference: predictions of the same weights in each mode, numpy argmax.
+    train_hits = (model(x, training=True).numpy().argmax(1) == y).mean()
+    eval_hits = (model(x, training=False).numpy().argmax(1) == y).mean()
+    assert 0 < train_hits < 1 and train_hits != (y == 0).mean()
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.0), loss)
+    assert float(step((x, labels))["top1"]) == pytest.approx(train_hits)
+    result = tfloop.evaluate(
+        tfloop.make_eval_step(model, loss),
+        tf.data.Dataset.from_tensor_slices((x, labels)).batch(5),
+    )
+    assert result["top1"] == pytest.approx(eval_hits)
+
+
+def test_labels_that_fit_no_layout_are_refused():
+    model = _dense_bn(units=4)
+    x, y = _tabular()
+    step = tfloop.make_train_step(
+        model,
+        keras.optimizers.SGD(0.1),
+        keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None),
+    )
+    with pytest.raises(ValueError, match="labels"):
+        step((x, np.eye(3, dtype="float32")[y]))  # 3 one-hot columns, 4 logits.
+
+
+def test_loss_fn_returning_a_scalar_is_refused():
+    model = _dense_bn()
+    scalar = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.1), scalar)
+    with pytest.raises(ValueError, match="per-example"):
+        step(_tabular())
+
+
+def test_step_runs_eagerly_on_numpy_like_the_traced_step():
+    element = _tabular()
+    traced, eager = _dense_bn(), _dense_bn()
+    tfloop.make_train_step(traced, keras.optimizers.SGD(0.1), LOSS)(element)
+    tf.config.run_functions_eagerly(True)
+    try:
+        tfloop.make_train_step(eager, keras.optimizers.SGD(0.1), LOSS)(element)
+    finally:
+        tf.config.run_functions_eagerly(False)
+    for a, b in zip(eager.weights, traced.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_float64_model_trains_with_float64_statistics(policy):
+    keras.config.set_floatx("float64")
+    policy("float64")
+    try:
+        model = _dense_bn()
+        x, y = _tabular()
+        x = x.astype("float64")
+        step = tfloop.make_train_step(model, keras.optimizers.SGD(0.0), LOSS)
+        step((x, y))
+    finally:
+        keras.config.set_floatx("float32")
+    layer = bn.layers(model)[0]
+    kernel, bias = (w.numpy() for w in model.get_layer("d1").weights)
+    h = x @ kernel + bias  # float64 numpy: after one debiased step, the batch's.
+    assert layer.moving_mean.dtype == "float64"
+    np.testing.assert_allclose(layer.moving_mean.numpy(), h.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), h.var(0), rtol=1e-12)
+
+
+def test_sample_weights_train_like_keras_fit():
+    """Stock Keras `fit` with sample weights is the reference (no BN involved)."""
+    x, y = _tabular(n=8)
+    w = np.linspace(0.0, 2.0, 8).astype("float32")
+
+    def model():
+        keras.utils.set_random_seed(4)
+        return keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+
+    reference = model()
+    reference.compile(
+        keras.optimizers.SGD(0.5),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    reference.fit(
+        x, y, sample_weight=w, batch_size=8, epochs=1, shuffle=False, verbose=0
+    )
+    ours = model()
+    step = tfloop.make_train_step(ours, keras.optimizers.SGD(0.5), LOSS)
+    metrics = step((x, y, w))
+    for a, b in zip(ours.weights, reference.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    logits = model()(x).numpy()
+    hits = logits.argmax(1) == y
+    assert float(metrics["top1"]) == pytest.approx((w * hits).sum() / w.sum())
+
+
+def test_freezing_any_layer_after_tracing_retraces():
+    model = _dense_bn()
+    step = tfloop.make_train_step(model, keras.optimizers.SGD(0.5), LOSS)
+    step(_tabular())
+    assert not step.needs_retrace
+    model.get_layer("d1").trainable = False
+    assert step.needs_retrace
+    frozen = [w.numpy() for w in model.get_layer("d1").weights]
+    step(_tabular(seed=1))
+    for w, before in zip(model.get_layer("d1").weights, frozen):
+        np.testing.assert_array_equal(w.numpy(), before)
+    assert not step.needs_retrace
+    moved = model.get_layer("out").kernel.numpy()
+    step(_tabular(seed=2))
+    assert np.abs(model.get_layer("out").kernel.numpy() - moved).max() > 0

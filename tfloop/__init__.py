@@ -2,6 +2,7 @@
 
 Public API (see the README):
   make_train_step, make_eval_step, evaluate   train and eval steps
+  reduce_metrics                              replica_fn outputs -> metrics
   optimize_loss                               optimize_loss-style train step
   bn                                          BN statistics: layers, state,
                                               recalibrate, staleness, freeze
@@ -10,7 +11,14 @@ Public API (see the README):
 
 from tfloop import bn, compat, data, models
 from tfloop.optimize import optimize_loss
-from tfloop.steps import EvalStep, TrainStep, evaluate, make_eval_step, make_train_step
+from tfloop.steps import (
+    EvalStep,
+    TrainStep,
+    evaluate,
+    make_eval_step,
+    make_train_step,
+    reduce_metrics,
+)
 
 __all__ = [
     "EvalStep",
@@ -23,4 +31,5 @@ __all__ = [
     "make_train_step",
     "models",
     "optimize_loss",
+    "reduce_metrics",
 ]

@@ -481,13 +481,18 @@ class OptimizeLossStep(steps.TrainStep):
         """TF1's global step: `optimizer.iterations`, +1 per applied step."""
         return self.optimizer.iterations
 
-    def replica_fn(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    def replica_fn(
+        self,
+        images: tf.Tensor,
+        labels: tf.Tensor,
+        sample_weight: tf.Tensor | None = None,
+    ) -> dict[str, tf.Tensor]:
         """The core step, then the loss check and `loss`/`learning_rate` summaries."""
         if self._scalar_summaries:
             # Reads ordered before the update: the rate and step being applied.
             step = tf.convert_to_tensor(self.optimizer.iterations)  # int64
             learning_rate = tf.convert_to_tensor(self.optimizer.learning_rate)
-        metrics = super().replica_fn(images, labels)
+        metrics = super().replica_fn(images, labels, sample_weight)
         if self._check_loss:
             metrics["loss"] = tf.debugging.check_numerics(
                 metrics["loss"], _LOSS_MESSAGE

@@ -28,7 +28,7 @@ from absl import logging
 
 from tfloop import bn, data, distribute, models, steps
 from tfloop.config import TrainConfig
-from tfloop.optimize import OPTIMIZER_CLS_NAMES, optimize_loss
+from tfloop.optimize import optimize_loss
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
@@ -113,7 +113,7 @@ class _Run:
             self.model,
             LOSS,
             learning_rate=config.learning_rate,
-            optimizer=_optimizer(config),
+            optimizer=config.optimizer,
             strategy=self.strategy,
             # XLA has no summary ops: with `--jit_compile` only validation
             # writes summaries.
@@ -267,19 +267,6 @@ def _dtype_policy(name: str):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-def _optimizer(config: TrainConfig):
-    """The optimizer name, or for mixed_float16 a loss-scaled optimizer factory.
-
-    float16 gradients underflow without loss scaling; bfloat16 has float32's
-    range and needs none.
-    """
-    if config.mixed_precision != "mixed_float16":
-        return config.optimizer
-    factories = {name.lower(): f for name, f in OPTIMIZER_CLS_NAMES.items()}
-    factory = factories[config.optimizer.lower()]
-    return lambda rate: keras.optimizers.LossScaleOptimizer(factory(learning_rate=rate))
 
 
 def _count(dataset: tf.data.Dataset) -> int:

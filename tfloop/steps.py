@@ -22,7 +22,14 @@ from absl import logging
 from tfloop import bn
 from tfloop.bn import audit, averaging, ownership
 
-__all__ = ["EvalStep", "TrainStep", "evaluate", "make_eval_step", "make_train_step"]
+__all__ = [
+    "EvalStep",
+    "TrainStep",
+    "evaluate",
+    "make_eval_step",
+    "make_train_step",
+    "reduce_metrics",
+]
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 GradientTransform = Callable[
@@ -33,39 +40,165 @@ _AUDIT_MODES = ("warn", "error", "off")
 
 
 def _correct_and_count(
-    labels: tf.Tensor, logits: tf.Tensor
+    labels: tf.Tensor, logits: tf.Tensor, sample_weight: tf.Tensor | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Top-1 hits and example count; labels may be sparse ids or one-hot."""
-    if labels.shape.rank == logits.shape.rank:
-        labels = tf.argmax(labels, axis=-1)
+    """Top-1 hits and example count (both weighted by `sample_weight`, if any).
+
+    Labels may be sparse ids of shape `(B,)` or `(B, 1)`, or one-hot `(B, C)`.
+    """
+    labels = _sparse_labels(labels, logits)
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int64)
     hits = tf.cast(tf.equal(predictions, tf.cast(labels, tf.int64)), tf.float32)
-    return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
+    if sample_weight is None:
+        return tf.reduce_sum(hits), tf.cast(tf.size(hits), tf.float32)
+    weights = tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(hits))
+    return tf.reduce_sum(hits * weights), tf.reduce_sum(weights)
 
 
-def _run_and_sum(
+def _sparse_labels(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Class ids from sparse `(B,)` / `(B, 1)` or one-hot `(B, C)` labels."""
+    classes = logits.shape[-1]
+    if labels.shape.rank == logits.shape.rank:
+        if labels.shape[-1] == 1 and classes != 1:
+            return tf.squeeze(labels, -1)
+        if labels.shape[-1] != classes:
+            raise ValueError(
+                f"`labels` of shape {labels.shape} match neither sparse ids "
+                f"(batch,) / (batch, 1) nor one-hot (batch, {classes}) for "
+                f"logits of shape {logits.shape}."
+            )
+        return tf.argmax(labels, axis=-1)
+    if labels.shape.rank != logits.shape.rank - 1:
+        raise ValueError(
+            f"`labels` of shape {labels.shape} do not fit logits of shape "
+            f"{logits.shape}: expected sparse ids (batch,) or one-hot labels."
+        )
+    return labels
+
+
+def _split(element) -> tuple[tf.Tensor, ...]:
+    """`(images, labels)` or `(images, labels, sample_weight)`, as tensors."""
+    if not isinstance(element, (tuple, list)) or len(element) not in (2, 3):
+        raise ValueError(
+            "A dataset element must be `(images, labels)` or "
+            f"`(images, labels, sample_weight)`, got {type(element).__name__}."
+        )
+    return tuple(element)
+
+
+def _as_tensors(*values):
+    """Tensors from numpy inputs too (eager debugging: `run_functions_eagerly`)."""
+    return tf.nest.map_structure(
+        lambda v: None if v is None else tf.convert_to_tensor(v), values
+    )
+
+
+def _per_example(loss_fn: LossFn, labels, logits) -> tf.Tensor:
+    """`loss_fn`'s per-example losses in float32, checked to be per example."""
+    per_example = loss_fn(labels, tf.cast(logits, tf.float32))
+    if per_example.shape.rank == 0:
+        raise ValueError(
+            "`loss_fn` returned a scalar; it must return per-example losses of "
+            "shape (batch,), e.g. a Keras loss with `reduction=None`."
+        )
+    return tf.cast(per_example, tf.float32)
+
+
+def _sum_over_replicas(
+    values: dict[str, tf.Tensor], strategy: tf.distribute.Strategy | None = None
+) -> dict[str, tf.Tensor]:
+    """Sums every value over all replicas, as one stacked vector (one reduction).
+
+    Per-replica results of `strategy.run` are reduced with `strategy.reduce`
+    (cross-replica context); plain tensors in a replica context (inside
+    `strategy.run`: a Keras `train_step`, an Orbit step) are all-reduced, so
+    every replica holds the totals. `MultiWorkerMirroredStrategy` cannot
+    reduce a dict, hence the stacking.
+    """
+    keys = list(values)
+
+    def stack(v):
+        return tf.stack([tf.cast(v[key], tf.float32) for key in keys])
+
+    if any(isinstance(v, tf.distribute.DistributedValues) for v in values.values()):
+        strategy = strategy or tf.distribute.get_strategy()
+        total = strategy.reduce(
+            tf.distribute.ReduceOp.SUM, strategy.run(stack, args=(values,)), axis=None
+        )
+    else:
+        total = stack(values)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
+    return dict(zip(keys, tf.unstack(total)))
+
+
+def reduce_metrics(
+    outputs: dict[str, tf.Tensor], strategy: tf.distribute.Strategy | None = None
+) -> dict[str, tf.Tensor]:
+    """Turns `replica_fn` outputs into the step's metrics, in any trainer.
+
+    Every output of `TrainStep.replica_fn` and `EvalStep.replica_fn` is this
+    replica's share of a global SUM: `loss` and `data_loss` (shares of the
+    global-batch mean), `correct` and `count` (top-1 hits and examples, or
+    their sample weights), `loss_sum` (eval). This function sums them over
+    all replicas and workers (one reduction) and returns `loss`, `data_loss`
+    (train) and `top1` = correct / count; for eval outputs `loss` is
+    loss_sum / count.
+
+    Call it either on the per-replica results of `strategy.run` (cross-replica
+    context, e.g. an Orbit `train_step` after `strategy.run`), or inside the
+    replica function (a Keras `train_step` override: every replica then
+    returns the same global values, so Keras' mean over replicas is right).
+    Never average these outputs yourself: `fit`'s default mean halves the
+    loss on 2 replicas.
+    """
+    return _metrics(_sum_over_replicas(dict(outputs), strategy))
+
+
+def _run_and_reduce(
     strategy: tf.distribute.Strategy, replica_fn: Callable, element
 ) -> dict[str, tf.Tensor]:
-    """Runs `replica_fn` on every replica; sums its scalars over all replicas.
+    """Runs `replica_fn` on every replica; its outputs summed (one reduction).
 
-    The scalars travel as one stacked vector: one reduction per step, however
-    many metrics (and `MultiWorkerMirroredStrategy` cannot reduce a dict).
+    The outputs travel as one stacked vector: one reduction per step however
+    many there are (and `MultiWorkerMirroredStrategy` cannot reduce a dict).
     """
     keys: list[str] = []
 
-    def stacked(images, labels):
-        values = replica_fn(images, labels)
+    def stacked(*args):
+        values = replica_fn(*args)
         keys[:] = values
         return tf.stack([tf.cast(values[key], tf.float32) for key in keys])
 
+    distributed = any(
+        isinstance(v, tf.distribute.DistributedValues) for v in tf.nest.flatten(element)
+    )
+    if (
+        distributed
+        and strategy is tf.distribute.get_strategy()
+        and not (tf.distribute.has_strategy())
+    ):
+        raise ValueError(
+            "The step got an element of a distributed dataset but runs on the "
+            "default strategy: pass `strategy=` the strategy that distributed it."
+        )
     per_replica = strategy.run(stacked, args=_split(element))
     total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
     return dict(zip(keys, tf.unstack(total)))
 
 
-def _split(element) -> tuple[tf.Tensor, tf.Tensor]:
-    images, labels = element
-    return images, labels
+def _metrics(totals: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The step's metrics from summed outputs (see `reduce_metrics`)."""
+    metrics = {}
+    if "loss_sum" in totals:
+        metrics["loss"] = tf.math.divide_no_nan(totals["loss_sum"], totals["count"])
+    else:
+        metrics["loss"] = totals["loss"]
+    if "data_loss" in totals:
+        metrics["data_loss"] = totals["data_loss"]
+    metrics["top1"] = tf.math.divide_no_nan(totals["correct"], totals["count"])
+    return metrics
 
 
 class TrainStep:
@@ -93,14 +226,12 @@ class TrainStep:
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
         if bn_decay is not None and not 0.0 <= bn_decay < 1.0:
             raise ValueError(f"`bn_decay` must be in [0, 1), got {bn_decay!r}.")
-        if gradient_transform is not None and isinstance(
-            optimizer, keras.optimizers.LossScaleOptimizer
-        ):
-            raise ValueError(
-                "`gradient_transform` would see loss-scaled gradients of the "
-                "`LossScaleOptimizer`; use one or the other."
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`optimizer` must be a Keras 3 optimizer, got "
+                f"{type(optimizer).__name__}."
             )
-        strategy = strategy or tf.distribute.get_strategy()
+        strategy = _strategy_for(model, strategy)
         if jit_compile and strategy.num_replicas_in_sync > 1:
             raise ValueError(
                 "`jit_compile=True` needs a single replica: the optimizer's "
@@ -108,7 +239,7 @@ class TrainStep:
                 f"{strategy.num_replicas_in_sync} replicas."
             )
         self.model = model
-        self.optimizer = optimizer
+        self.optimizer = _with_loss_scaling(model, optimizer, strategy)
         self.loss_fn = loss_fn
         self.strategy = strategy
         self._bn_decay = bn_decay
@@ -127,45 +258,67 @@ class TrainStep:
         if own_bn:
             with strategy.scope():
                 self._owned = ownership._own_model(model)
-        for _, layer_state in self._owned:
-            layer_state.averaging = bn_averaging
-            layer_state.decay = bn_decay
-        if model.built and not optimizer.built:
+        if model.built and not self.optimizer.built:
             # Slots now, not in the first trace: a `tf.function` that creates
             # variables is traced twice, which doubles the first step's time.
             with strategy.scope():
-                optimizer.build(model.trainable_variables)
-        # Traced functions by name ("step", "loop"), with the freeze state
+                self.optimizer.build(model.trainable_variables)
+        self._layers = None  # Flattened once, for `_trace_key`.
+        self._traced_key = None
+        # Traced functions by name ("step", "loop"), with the `_trace_key`
         # they were traced for.
         self._functions: dict[str, tuple[tuple, Callable]] = {}
         self._silent: list[str] = []
+        self._silent_token = None  # Set by the first replica that audits a trace.
         self._defer_audit_errors = False
 
-    def replica_fn(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    def replica_fn(
+        self,
+        images: tf.Tensor,
+        labels: tf.Tensor,
+        sample_weight: tf.Tensor | None = None,
+    ) -> dict[str, tf.Tensor]:
         """One step on this replica's shard; returns its share of the metrics.
 
-        `loss` is this replica's share of the global-batch mean (the shares
-        sum to it); `correct` and `count` are this replica's top-1 hits and
-        examples. Reduce with SUM across replicas.
+        Every output is this replica's share of a sum over replicas: `loss`
+        and `data_loss` (shares of the global-batch mean), `correct` and
+        `count` (top-1 hits and examples, weighted by `sample_weight` if
+        given). Turn them into metrics with `tfloop.reduce_metrics`.
+
+        The data loss is sum(sample_weight * per-example loss) over the global
+        batch divided by the global number of examples (Keras'
+        `sum_over_batch_size`), counted exactly even when the batch does not
+        split evenly over the replicas or a shard is empty.
         """
+        self._traced_key = self._trace_key()
+        images, labels, sample_weight = _as_tensors(images, labels, sample_weight)
         model = self.model
         collector = ownership._Collector(sync=self._sync_bn)
         with collector, tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example = self.loss_fn(labels, logits)
-            data_loss = tf.nn.compute_average_loss(per_example)
+            per_example = _per_example(self.loss_fn, labels, logits)
+            if sample_weight is not None:
+                per_example = per_example * tf.reshape(
+                    tf.cast(sample_weight, tf.float32), tf.shape(per_example)[:1]
+                )
+            # One all-reduce: every BN layer's moments and the example count.
+            reported, (examples,) = averaging._collect(
+                self._owned, collector, [tf.shape(per_example)[0]]
+            )
+            data_loss = tf.math.divide_no_nan(
+                tf.reduce_sum(per_example), tf.cast(examples, tf.float32)
+            )
             loss = data_loss
             if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            # A `LossScaleOptimizer` (mixed_float16) unscales what it gets.
+                loss += tf.nn.scale_regularization_loss(
+                    tf.cast(tf.add_n(model.losses), tf.float32)
+                )
             scaled_loss = self.optimizer.scale_loss(loss)
+        audit._check_honoured(collector)
         self._audit(audit._silent_layers(self._owned, collector))
         # Statistics first: they describe the weights that produced them.
         averaging._apply_updates(
-            self._owned,
-            collector,
-            decay=self._bn_decay,
-            averaging=self._bn_averaging,
+            reported, decay=self._bn_decay, averaging=self._bn_averaging
         )
         variables = model.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
@@ -173,7 +326,7 @@ class TrainStep:
         if self._gradient_transform is not None:
             grads_and_vars = self._transform(grads_and_vars)
         self.optimizer.apply_gradients(grads_and_vars)
-        correct, count = _correct_and_count(labels, logits)
+        correct, count = _correct_and_count(labels, logits, sample_weight)
         return {
             "loss": loss,
             "data_loss": data_loss,
@@ -182,9 +335,17 @@ class TrainStep:
         }
 
     def _audit(self, silent: list[str]) -> None:
-        """Runs at trace time: reports BN layers that reported no moments."""
+        """Runs at trace time: reports BN layers that reported no moments.
+
+        Once per trace, not once per replica. With `bn_audit='error'` the
+        error is raised by `step(...)` before the first step runs; inside a
+        user's own `tf.function` it is raised at trace time, where AutoGraph
+        may wrap it (see `make_train_step`).
+        """
+        first = self._silent_token is None
+        self._silent_token = object()
         self._silent = silent
-        if not silent or self._bn_audit == "off":
+        if not silent or self._bn_audit == "off" or not first:
             return
         if self._bn_audit == "warn":
             logging.warning(audit._audit_message(silent))
@@ -196,7 +357,9 @@ class TrainStep:
 
         The Keras optimizer sums gradients across replicas itself, so the
         transformed global gradient is handed back divided by the number of
-        replicas: its sum over replicas is the transformed gradient.
+        replicas: its sum over replicas is the transformed gradient. Under
+        loss scaling the transform sees unscaled gradients (the scale is a
+        power of two, so unscaling and scaling back are exact).
         """
         context = tf.distribute.get_replica_context()
         replicas = 1 if context is None else context.num_replicas_in_sync
@@ -206,18 +369,45 @@ class TrainStep:
                 tf.distribute.ReduceOp.SUM, [g for g, _ in present]
             )
             grads_and_vars = [(g, v) for g, (_, v) in zip(summed, present)]
+        scale = self.optimizer.scale_loss(tf.constant(1.0))
+        grads_and_vars = [
+            (None if g is None else g / tf.cast(scale, g.dtype), v)
+            for g, v in grads_and_vars
+        ]
         grads_and_vars = self._gradient_transform(grads_and_vars)
-        if replicas > 1:
-            grads_and_vars = [(g / replicas, v) for g, v in grads_and_vars]
-        return grads_and_vars
+        return [
+            (None if g is None else g * tf.cast(scale / replicas, g.dtype), v)
+            for g, v in grads_and_vars
+        ]
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        sums = _run_and_sum(self.strategy, self._replica_body, element)
-        return {
-            "loss": sums["loss"],
-            "data_loss": sums["data_loss"],
-            "top1": sums["correct"] / sums["count"],
-        }
+        return _metrics(_run_and_reduce(self.strategy, self._replica_body, element))
+
+    def _trace_key(self) -> tuple:
+        """What a traced step depends on besides its inputs: trainability, freezes.
+
+        Any change to which layers train (`layer.trainable`, `bn.freeze`)
+        changes the set of trained variables and of updated statistics; a
+        traced graph would silently keep the old ones.
+        """
+        if self._layers is None:
+            self._layers = list(
+                self.model._flatten_layers(include_self=True, recursive=True)
+            )
+        return tuple(layer.trainable for layer in self._layers) + tuple(
+            s.frozen for _, s in self._owned
+        )
+
+    @property
+    def needs_retrace(self) -> bool:
+        """True when trainability or BN freezing changed since `replica_fn` was traced.
+
+        `step(...)` traces again by itself. A trainer that wraps `replica_fn`
+        in its own `tf.function` (Orbit, multi-step loops) must check this
+        after changing `trainable` or calling `bn.freeze`, and build a new
+        `tf.function` when it is True.
+        """
+        return self._traced_key is not None and self._traced_key != self._trace_key()
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
         """Runs one step on one element of the (distributed) dataset."""
@@ -263,17 +453,18 @@ class TrainStep:
     def _traced(self, name: str, python_fn: Callable, *args) -> Callable:
         """The `tf.function` of `python_fn`, traced for `args` if not yet.
 
-        A `tfloop.bn.freeze` after tracing changes what the graph must do:
-        trace again rather than silently ignore it. Tracing before running
-        lets `bn_audit="error"` stop the first step before it changes
-        anything, with a plain exception.
+        A change of trainability or BN freezing after tracing (`_trace_key`)
+        changes what the graph must do: trace again rather than silently
+        ignore it. Tracing before running lets `bn_audit="error"` stop the
+        first step before it changes anything, with a plain exception.
         """
-        freeze = tuple((s.frozen, layer.trainable) for layer, s in self._owned)
+        key = self._trace_key()
         traced = self._functions.get(name)
-        if traced is not None and traced[0] == freeze:
+        if traced is not None and traced[0] == key:
             return traced[1]
         function = tf.function(python_fn)
-        self._functions[name] = (freeze, function)
+        self._functions[name] = (key, function)
+        self._silent_token = None
         self._defer_audit_errors = True
         try:
             function.get_concrete_function(*args)
@@ -288,6 +479,60 @@ class TrainStep:
         """How many times the step was traced (one per input signature)."""
         traced = self._functions.get("step")
         return 0 if traced is None else traced[1].experimental_get_tracing_count()
+
+
+def _strategy_for(
+    model: keras.Model, strategy: tf.distribute.Strategy | None
+) -> tf.distribute.Strategy:
+    """`strategy`, or the current one, or the one `model`'s variables live in."""
+    owner = next(
+        (
+            v.value.distribute_strategy
+            for v in model.weights
+            if isinstance(getattr(v, "value", None), tf.distribute.DistributedValues)
+        ),
+        None,
+    )
+    if strategy is None:
+        strategy = (
+            tf.distribute.get_strategy() if tf.distribute.has_strategy() else owner
+        )
+        strategy = strategy or tf.distribute.get_strategy()
+    if owner is not None and owner is not strategy:
+        raise ValueError(
+            f"`model` was built under {type(owner).__name__} but the step would "
+            f"run under {type(strategy).__name__}: pass `strategy=` the strategy "
+            "whose scope built the model."
+        )
+    return strategy
+
+
+def _with_loss_scaling(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    strategy: tf.distribute.Strategy,
+) -> keras.optimizers.Optimizer:
+    """Wraps `optimizer` in a `LossScaleOptimizer` for float16 models, as `compile` does.
+
+    float16 gradients underflow without loss scaling; bfloat16 has float32's
+    range and needs none.
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer
+    float16 = [
+        layer.path
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if layer.dtype_policy.compute_dtype == "float16"
+    ]
+    if not float16:
+        return optimizer
+    logging.info(
+        "Layers compute in float16 (e.g. `%s`): wrapping the optimizer in "
+        "keras.mixed_precision.LossScaleOptimizer, as model.compile does.",
+        float16[0],
+    )
+    with strategy.scope():
+        return keras.mixed_precision.LossScaleOptimizer(optimizer)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -365,15 +610,33 @@ class EvalStep:
         self.strategy = strategy
         self._function = tf.function(self._step)
 
-    def replica_fn(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Sums over this replica's shard (any size, empty included)."""
+    def replica_fn(
+        self,
+        images: tf.Tensor,
+        labels: tf.Tensor,
+        sample_weight: tf.Tensor | None = None,
+    ) -> dict[str, tf.Tensor]:
+        """Sums over this replica's shard (any size, empty included).
+
+        With `sample_weight`, `loss_sum` and `correct` are weighted and
+        `count` is the sum of the weights, so `evaluate` gives weighted means.
+        """
+        images, labels, sample_weight = _as_tensors(images, labels, sample_weight)
         logits = self.model(images, training=False)
-        loss_sum = tf.reduce_sum(self.loss_fn(labels, logits))
-        correct, count = _correct_and_count(labels, logits)
-        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+        per_example = _per_example(self.loss_fn, labels, logits)
+        correct, count = _correct_and_count(labels, logits, sample_weight)
+        if sample_weight is not None:
+            per_example = per_example * tf.reshape(
+                tf.cast(sample_weight, tf.float32), tf.shape(per_example)[:1]
+            )
+        return {
+            "loss_sum": tf.reduce_sum(per_example),
+            "correct": correct,
+            "count": count,
+        }
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        return _run_and_sum(self.strategy, self.replica_fn, element)
+        return _run_and_reduce(self.strategy, self.replica_fn, element)
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
         return self._function(element)
@@ -391,7 +654,7 @@ def make_eval_step(
     validation set (final partial batch included) or use `tfloop.evaluate`.
     """
     return EvalStep(
-        model=model, loss_fn=loss_fn, strategy=strategy or tf.distribute.get_strategy()
+        model=model, loss_fn=loss_fn, strategy=_strategy_for(model, strategy)
     )
 
 

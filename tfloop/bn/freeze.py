@@ -1,4 +1,4 @@
-"""Freezing BN layers for fine-tuning."""
+"""Freezing BN layers for fine-tuning, and undoing exactly that."""
 
 from __future__ import annotations
 
@@ -16,13 +16,22 @@ def freeze(model: keras.Model, *, train_scale_and_offset: bool = False) -> None:
     freeze notices it on its next call and traces again.
     """
     for layer, layer_state in _own_model(model):
+        if not layer_state.frozen:
+            layer_state.trainable_before_freeze = layer.trainable
         layer_state.frozen = True
         if not train_scale_and_offset:
             layer.trainable = False
 
 
 def unfreeze(model: keras.Model) -> None:
-    """Undoes `freeze`: BN layers train and update their statistics again."""
+    """Undoes `freeze`: every layer gets back the `trainable` that `freeze` found.
+
+    A layer inside a sub-model the user froze (`backbone.trainable = False`)
+    stays frozen; layers `freeze` never touched are left alone.
+    """
     for layer, layer_state in _own_model(model):
+        if not layer_state.frozen:
+            continue
         layer_state.frozen = False
-        layer.trainable = True
+        layer.trainable = layer_state.trainable_before_freeze
+        layer_state.trainable_before_freeze = None

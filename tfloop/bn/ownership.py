@@ -16,7 +16,14 @@ import weakref
 from collections.abc import Callable, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+# Keras' symbolic shape inference runs layers in a scratch graph; nothing it
+# computes is a real forward pass. (Keras has no public accessor for it.)
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+from tfloop.bn.moments import _batch_moments, _Moments, _pool
 
 
 def layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -32,13 +39,96 @@ def layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     ]
 
 
-@dataclasses.dataclass
+# The stock `call`: a subclass that overrides it is honoured, not owned.
+_STOCK_CALL = keras.layers.BatchNormalization.call
+
+# Update count that marks moving statistics restored from elsewhere (a stock
+# Keras checkpoint, `model.fit`, pretrained or slim weights): an infinitely
+# long history, so every averaging mode keeps them with weight `decay`.
+_HISTORY_COUNT = 2**40
+
+
+@dataclasses.dataclass(eq=False)
+class _Accumulator:
+    """Per-replica running (count, mean, M2) of one layer's inputs in one step.
+
+    Used where a layer is called inside `tf.cond`, `tf.while_loop` or a nested
+    `tf.function`: tensors cannot leave such a graph, so the owned call merges
+    its moments into these variables (Chan's update, float64) and the step
+    reads and clears them after the forward pass. `ON_READ` variables keep one
+    copy per replica, so every replica accumulates its own shard.
+    """
+
+    count: tf.Variable
+    mean: tf.Variable
+    m2: tf.Variable
+
+    @classmethod
+    def create(cls, layer: keras.layers.BatchNormalization) -> _Accumulator:
+        channels = layer.moving_mean.shape[0]
+
+        def variable(shape, name):
+            return tf.Variable(
+                tf.zeros(shape, tf.float64),
+                trainable=False,
+                name=f"{layer.name}_{name}",
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+            )
+
+        with tf.init_scope(), _variables_scope(layer):
+            return cls(
+                variable([], "n"),
+                variable([channels], "mean"),
+                variable([channels], "m2"),
+            )
+
+    def add(self, count: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor) -> None:
+        """Merges one call's moments (Chan et al.), inside the nested graph."""
+        n0, m0, q0 = (
+            self.count.read_value(),
+            self.mean.read_value(),
+            self.m2.read_value(),
+        )
+        n = tf.cast(count, tf.float64)
+        total = n0 + n
+        weight = tf.math.divide_no_nan(n, total)
+        delta = tf.where(n > 0, tf.cast(mean, tf.float64) - m0, 0.0)
+        self.mean.assign(m0 + delta * weight)
+        self.m2.assign(
+            q0
+            + tf.where(n > 0, tf.cast(variance, tf.float64), 0.0) * n
+            + tf.square(delta) * n0 * weight
+        )
+        self.count.assign(total)
+
+    def take(self) -> _Moments:
+        """The moments accumulated in this step; clears them for the next."""
+        n, mean, m2 = (
+            self.count.read_value(),
+            self.mean.read_value(),
+            self.m2.read_value(),
+        )
+        with tf.control_dependencies([n, mean, m2]):
+            for variable in (self.count, self.mean, self.m2):
+                variable.assign(tf.zeros_like(variable))
+        return _Moments(n, mean, tf.math.divide_no_nan(m2, n), synced=False)
+
+
+@dataclasses.dataclass(eq=False)
 class _LayerState:
     """What tfloop keeps per owned layer, beside the layer's own variables."""
 
     count: tf.Variable  # Number of batches the moving statistics summarize.
+    # The initializer's moving mean and variance: statistics that differ from
+    # them at count 0 came from elsewhere and count as history.
+    initial: tuple[np.ndarray, np.ndarray] | None = None
+    accumulator: _Accumulator | None = None
     frozen: bool = False
-    # How the last step that owned the layer averages (for `staleness`).
+    # `trainable` as `freeze` found it, so that `unfreeze` restores it.
+    trainable_before_freeze: bool | None = None
+    # How the last step that updated the layer averages (for `staleness`),
+    # recorded when that step traces its update.
     averaging: str = "debias"
     decay: float | None = None
 
@@ -67,9 +157,26 @@ def state(model: keras.Model) -> tf.Module:
         tf.train.Checkpoint(model=model, optimizer=opt, bn=tfloop.bn.state(model))
 
     The model's own variables are untouched by tfloop, so a checkpoint without
-    it still loads into a stock model and the other way round.
+    it still loads into a stock model and the other way round. Only layers
+    tfloop owns (see `layers`) have a counter.
     """
-    return _BatchNormState([_own(layer).count for layer in layers(model)])
+    return _BatchNormState([s.count for _, s in _own_model(model)])
+
+
+def honoured(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """BN layers whose class overrides `call`: tfloop runs their own `call`.
+
+    Detection-style frozen BN (a subclass whose `call` forces
+    `training=False`) keeps working as its author wrote it. A train step
+    refuses such a layer if its `call` computes batch moments in training,
+    since its moving statistics would then be updated by stock Keras code
+    (per replica, not debiased) behind tfloop's back.
+    """
+    return [layer for layer in layers(model) if not _is_stock(layer)]
+
+
+def _is_stock(layer: keras.layers.BatchNormalization) -> bool:
+    return type(layer).call is _STOCK_CALL
 
 
 def _own(layer: keras.layers.BatchNormalization) -> _LayerState:
@@ -79,7 +186,7 @@ def _own(layer: keras.layers.BatchNormalization) -> _LayerState:
         return layer_state
     if layer.renorm:
         raise ValueError(
-            f"BatchNormalization layer `{layer.name}` uses `renorm=True`, "
+            f"BatchNormalization layer `{layer.path}` uses `renorm=True`, "
             "which tfloop does not own; use renorm=False."
         )
     # ONLY_FIRST_REPLICA: every replica adds the same 1, keep one of them.
@@ -95,10 +202,35 @@ def _own(layer: keras.layers.BatchNormalization) -> _LayerState:
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
     layer_state = _LayerState(count=count)
+    if layer.built:
+        layer_state.initial = _initial_values(layer)
+        layer_state.accumulator = _Accumulator.create(layer)
     _STATES[layer] = layer_state
-    stock_call = type(layer).call.__get__(layer)
+    stock_call = _STOCK_CALL.__get__(layer)
     layer.call = types.MethodType(_make_owned_call(stock_call), layer)
     return layer_state
+
+
+def _initial_values(layer) -> tuple[np.ndarray, np.ndarray] | None:
+    """The moving statistics' initial values, if the initializers are constant."""
+    shape = layer.moving_mean.shape
+    values = []
+    for initializer in (
+        layer.moving_mean_initializer,
+        layer.moving_variance_initializer,
+    ):
+        if not isinstance(
+            initializer,
+            (
+                keras.initializers.Zeros,
+                keras.initializers.Ones,
+                keras.initializers.Constant,
+            ),
+        ):
+            return None
+        with tf.init_scope():
+            values.append(np.asarray(initializer(shape, dtype=layer.moving_mean.dtype)))
+    return values[0], values[1]
 
 
 def _variables_scope(layer: keras.layers.BatchNormalization):
@@ -111,17 +243,14 @@ def _variables_scope(layer: keras.layers.BatchNormalization):
 
 
 def _own_model(model: keras.Model) -> list[tuple[keras.layers.Layer, _LayerState]]:
-    return [(layer, _own(layer)) for layer in layers(model)]
-
-
-@dataclasses.dataclass
-class _Moments:
-    """Batch moments one call of one layer reported, per channel."""
-
-    count: tf.Tensor  # float32 scalar: elements reduced per channel.
-    mean: tf.Tensor
-    variance: tf.Tensor
-    synced: bool  # Already the global-batch moments of all replicas.
+    """Owns every stock BN layer of `model`; honoured subclasses are left out."""
+    owned = []
+    for layer in layers(model):
+        if _is_stock(layer):
+            owned.append((layer, _own(layer)))
+        else:
+            _watch(layer)
+    return owned
 
 
 class _Collector:
@@ -133,8 +262,10 @@ class _Collector:
         # inference mode, so that dropout and the like stay off.
         self.calibrate = calibrate
         self.moments: dict[int, list[_Moments]] = {}
-        # Keras builds lazily-built models with a symbolic call in a scratch
-        # graph; moments from any graph but the step's own are not reported.
+        # Layers called inside control flow: they report through accumulators.
+        self.nested: set[int] = set()
+        # Honoured layers (own `call`) that computed training moments.
+        self.self_updating: list[keras.layers.Layer] = []
         self.graph = tf.compat.v1.get_default_graph()
 
     def __enter__(self) -> None:
@@ -146,12 +277,37 @@ class _Collector:
     def __exit__(self, *exc) -> None:
         _local.stack.pop()
 
+    def reported(self, layer, layer_state: _LayerState) -> bool:
+        return id(layer) in self.moments or id(layer) in self.nested
 
-def _active_collector() -> _Collector | None:
+    def take(self, layer, layer_state: _LayerState) -> _Moments:
+        """The layer's moments of this pass, all its calls pooled."""
+        parts = list(self.moments.get(id(layer), []))
+        if id(layer) in self.nested:
+            parts.append(layer_state.accumulator.take())
+        return _pool(parts)
+
+
+def _active_collector() -> tuple[_Collector | None, bool]:
+    """The collector of this thread's forward pass, and whether the call is nested.
+
+    A call in the collector's own graph reports tensors. A call in a graph
+    nested in it (`tf.cond` and `tf.while_loop` branches, a nested
+    `tf.function`) cannot hand tensors out, so it reports through the layer's
+    accumulator. Keras' symbolic shape inference (a scratch graph) and any
+    unrelated graph report nothing.
+    """
     stack = getattr(_local, "stack", None)
-    if not stack or stack[-1].graph is not tf.compat.v1.get_default_graph():
-        return None
-    return stack[-1]
+    if not stack or in_symbolic_scope():
+        return None, False
+    collector = stack[-1]
+    graph = tf.compat.v1.get_default_graph()
+    if graph is collector.graph:
+        return collector, False
+    while (graph := getattr(graph, "outer_graph", None)) is not None:
+        if graph is collector.graph:
+            return collector, True
+    return None, False
 
 
 def _make_owned_call(stock_call: Callable) -> Callable:
@@ -161,7 +317,7 @@ def _make_owned_call(stock_call: Callable) -> Callable:
         layer_state = _STATES[layer]
         if layer_state.frozen:
             training = False
-        collector = _active_collector()
+        collector, nested = _active_collector()
         reporting = (
             collector is not None
             and not layer_state.frozen
@@ -171,8 +327,23 @@ def _make_owned_call(stock_call: Callable) -> Callable:
         if not reporting:
             return stock_call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        mean, variance, moments = _batch_moments(layer, x, mask, sync=collector.sync)
-        collector.moments.setdefault(id(layer), []).append(moments)
+        sync = collector.sync or layer.synchronized
+        if nested and sync:
+            raise ValueError(
+                f"BatchNormalization layer `{layer.path}` is called inside "
+                "control flow (tf.cond, tf.while_loop or a nested tf.function) "
+                "and asks for synchronized moments (`sync_bn=True` or "
+                "`synchronized=True`): an all-reduce there can deadlock replicas; "
+                "use per-replica moments for this layer."
+            )
+        mean, variance, moments = _batch_moments(layer, x, mask, sync=sync)
+        if nested:
+            if layer_state.accumulator is None:  # Built inside the first trace.
+                layer_state.accumulator = _Accumulator.create(layer)
+            layer_state.accumulator.add(moments.count, moments.mean, moments.variance)
+            collector.nested.add(id(layer))
+        else:
+            collector.moments.setdefault(id(layer), []).append(moments)
         outputs = tf.nn.batch_normalization(
             x,
             _broadcastable(layer, mean, x),
@@ -188,6 +359,21 @@ def _make_owned_call(stock_call: Callable) -> Callable:
     return call
 
 
+def _watch(layer: keras.layers.BatchNormalization) -> None:
+    """Notes when an honoured layer computes training moments in a forward pass."""
+    if "_moments" in vars(layer):
+        return
+    stock_moments = layer._moments
+
+    def moments(inputs, mask):
+        stack = getattr(_local, "stack", None)
+        if stack and not in_symbolic_scope():
+            stack[-1].self_updating.append(layer)
+        return stock_moments(inputs, mask)
+
+    layer._moments = moments
+
+
 def _broadcastable(layer, vector, x) -> tf.Tensor:
     """Reshapes a per-channel vector so it broadcasts against `x` on `layer.axis`."""
     if layer.axis in (-1, x.shape.rank - 1):  # Channels last: it already does.
@@ -195,58 +381,3 @@ def _broadcastable(layer, vector, x) -> tf.Tensor:
     shape = [1] * x.shape.rank
     shape[layer.axis] = -1
     return tf.reshape(tf.cast(vector, x.dtype), shape)
-
-
-def _batch_moments(
-    layer, x, mask, *, sync: bool
-) -> tuple[tf.Tensor, tf.Tensor, _Moments]:
-    """Mean and variance to normalize `x` with, and the moments to report.
-
-    Only the reported moments are guarded against empty shards: the guard
-    stays out of the gradient computation.
-    """
-    axes = layer._reduction_axes
-    if mask is not None:
-        if sync:
-            raise ValueError(
-                f"`sync_bn=True` does not support masked inputs (layer `{layer.name}`)."
-            )
-        weights = tf.broadcast_to(
-            tf.cast(tf.expand_dims(mask, -1), x.dtype), tf.shape(x)
-        )
-        mean, variance = tf.nn.weighted_moments(x, axes, weights)
-        count = tf.reduce_sum(weights) / tf.cast(tf.shape(x)[layer.axis], x.dtype)
-        return mean, variance, _Moments(count, mean, variance, synced=False)
-    count = _element_count(x, axes)
-    # Keras' own synchronized moments: one all-reduce per layer in the forward
-    # pass, the price of normalizing with global-batch statistics.
-    mean, variance = keras.ops.moments(x, axes=axes, synchronized=sync)
-    if sync or tf.get_static_value(count):
-        return mean, variance, _Moments(count, mean, variance, synced=sync)
-    # An empty shard (last batch of a split) counts for nothing.
-    return (
-        mean,
-        variance,
-        _Moments(
-            count,
-            tf.where(count > 0, mean, 0.0),
-            tf.where(count > 0, variance, 0.0),
-            synced=False,
-        ),
-    )
-
-
-def _element_count(x: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
-    """Elements per channel of `x` (float32), a constant when shapes are static."""
-    known = 1
-    unknown = []
-    for axis in axes:
-        if x.shape[axis] is None:
-            unknown.append(axis)
-        else:
-            known *= x.shape[axis]
-    if not unknown:
-        return tf.constant(known, tf.float32)
-    dynamic = tf.reduce_prod(tf.gather(tf.shape(x), unknown))
-    return tf.cast(dynamic * known, tf.float32)
-

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfloop.bn.averaging import _cross_replica_moments, _pool
+from tfloop.bn.averaging import _collect
 from tfloop.bn.ownership import _Collector, _LayerState, _Moments, _own_model
 
 
@@ -31,16 +31,12 @@ def _calibration_moments(model: keras.Model, targets, images) -> dict[int, _Mome
     collector = _Collector(calibrate=True)
     with collector:
         model(images, training=False)
-    reached = [
-        (i, _pool(collector.moments[id(layer)]))
-        for i, (layer, _) in enumerate(targets)
-        if id(layer) in collector.moments
-    ]
-    reduced = _cross_replica_moments(
-        [m for _, m in reached],
-        [tf.stop_gradient(targets[i][0].moving_mean.value) for i, _ in reached],
-    )
-    return {i: (m.count, m.mean, m.variance) for (i, _), m in zip(reached, reduced)}
+    reported, _ = _collect(targets, collector)
+    position = {id(layer): i for i, (layer, _) in enumerate(targets)}
+    return {
+        position[id(layer)]: (m.count, m.mean, m.variance)
+        for (layer, _), m in zip(reported.layers, reported.moments)
+    }
 
 
 def _images_of(element):

@@ -71,4 +71,3 @@ def staleness(model: keras.Model, batch) -> list[Staleness]:
             )
         )
     return report
-
