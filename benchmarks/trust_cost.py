@@ -22,6 +22,7 @@ under the same machine load.
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import statistics
@@ -43,7 +44,7 @@ TINY = {
     "val_examples": 32,
     "batch_size": 16,
     "steps_per_epoch": 2,
-    "epochs": 2,
+    "epochs": 1,
     "bn_recalibrate_batches": 2,
 }
 
@@ -106,7 +107,7 @@ def main(argv: list[str]) -> None:
         f"one train step {step:.3f} s"
     )
     fractions = [trust / train for _, train, trust, _ in rows]
-    growth = [b[3] - a[3] for a, b in zip(rows, rows[1:])]
+    growth = [b[3] - a[3] for a, b in itertools.pairwise(rows)]
     print(
         f"\ntrust/train median {statistics.median(fractions):.1%} (max "
         f"{max(fractions):.1%}); peak RSS {peak:.0f} MB; RSS growth per epoch "

@@ -26,15 +26,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn, data, distribute, models, steps
+from tfloop import bn, data, distribute, models, steps, trust
 from tfloop.config import TrainConfig
 from tfloop.optimize import optimize_loss
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
-# Validation with moving averages is called stale when its loss exceeds the
-# recalibrated one by more than this factor (and 0.05 in absolute terms).
-_STALE_RATIO = 1.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +41,8 @@ class Validation:
     step: int
     loss: float
     top1: float
+    # With the moving averages: on the whole validation set when the first
+    # few batches looked stale, else on those (`tfloop.trust`).
     moving_loss: float
     moving_top1: float
     train_top1: float  # Mean training accuracy of the epoch (nan before training).
@@ -101,6 +99,9 @@ class _Run:
             distribute.distribute(self.strategy, train_data.repeat())
         )
         self.val_data = distribute.distribute(self.strategy, val_data)
+        self.val_head = distribute.distribute(
+            self.strategy, val_data.take(trust.CHECK_BATCHES)
+        )
         self.calib_data = distribute.distribute(self.strategy, calib_data)
         with self.strategy.scope(), _dtype_policy(config.mixed_precision):
             self.model = models.get(
@@ -160,27 +161,23 @@ class _Run:
 
     def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
         """Validation numbers you can trust: recalibrated BN, staleness reported."""
-        moving = steps.evaluate(self.eval_step, self.val_data)
-        result = moving
         batches = self.config.bn_recalibrate_batches
         if batches and not self.config.stock_bn and bn.layers(self.model):
-            start = time.perf_counter()
-            used = bn.recalibrate(
-                self.model, self.calib_data, num_batches=batches, strategy=self.strategy
+            check = trust.validate(
+                self.eval_step,
+                self.val_data,
+                self.val_head,
+                lambda: self._recalibrate(batches),
             )
-            logging.info(
-                "recalibrated BN on %d batches in %.1f s",
-                used,
-                time.perf_counter() - start,
-            )
-            result = steps.evaluate(self.eval_step, self.val_data)
-            if moving["loss"] > max(
-                _STALE_RATIO * result["loss"], result["loss"] + 0.05
-            ):
+            result = {"loss": check.loss, "top1": check.top1}
+            moving = {"loss": check.moving_loss, "top1": check.moving_top1}
+            if check.stale:
                 _say(
                     f"BN statistics were stale: val loss {moving['loss']:.2f} with "
                     f"moving averages, {result['loss']:.2f} after recalibration"
                 )
+        else:
+            result = moving = steps.evaluate(self.eval_step, self.val_data)
         _say(f"precision @ 1 = {result['top1']:.4f} val loss = {result['loss']:.2f}")
         with self.writer.as_default(step=self.global_step):
             tf.summary.scalar("validation/loss", result["loss"])
@@ -193,6 +190,15 @@ class _Run:
             moving_loss=moving["loss"],
             moving_top1=moving["top1"],
             train_top1=train_top1,
+        )
+
+    def _recalibrate(self, batches: int) -> None:
+        start = time.perf_counter()
+        used = bn.recalibrate(
+            self.model, self.calib_data, num_batches=batches, strategy=self.strategy
+        )
+        logging.info(
+            "recalibrated BN on %d batches in %.1f s", used, time.perf_counter() - start
         )
 
     def train_epoch(self, epoch: int) -> float:
