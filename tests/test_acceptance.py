@@ -4,7 +4,7 @@ Slim's Inception v1 at its BN decay 0.9997 on the built-in 4-class data: a
 naive loop (stock Keras BN, model called with `training=True`) learns (training
 accuracy > 0.7) while validation stays near chance, because the moving averages
 still mostly hold their initial values; the same run through tfloop with its
-defaults validates at >= 0.8 from the first epoch on.
+defaults validates at >= 0.7 from the first epoch on (>= 0.9 after the second).
 """
 
 import dataclasses
@@ -32,7 +32,11 @@ def test_naive_loop_validates_at_chance_tfloop_does_not():
     assert naive[-1].train_top1 > 0.7
     assert naive[-1].top1 < 0.4, naive
     tfloop = train(CONFIG)
-    assert min(v.top1 for v in tfloop[1:]) >= 0.8, tfloop
+    # Epoch 1 is 64 steps: how far the weights get by then depends on the
+    # CPU's float rounding (0.93 on one machine, 0.78 on another, the same
+    # seed); the naive loop stays at chance either way.
+    assert min(v.top1 for v in tfloop[1:]) >= 0.7, tfloop
+    assert tfloop[-1].top1 >= 0.9, tfloop
     # What recalibration buys beyond debiasing: the moving-average numbers of
     # the same run (reported, not asserted: they depend on how fast weights move).
     for v in tfloop:

@@ -93,15 +93,22 @@ def _as_tensors(*values):
     )
 
 
-def _per_example(loss_fn: LossFn, labels, logits) -> tf.Tensor:
-    """`loss_fn`'s per-example losses in float32, checked to be per example."""
+def _per_example(
+    loss_fn: LossFn, labels, logits, sample_weight: tf.Tensor | None = None
+) -> tf.Tensor:
+    """`loss_fn`'s per-example losses in float32, times `sample_weight` if given."""
     per_example = loss_fn(labels, tf.cast(logits, tf.float32))
     if per_example.shape.rank == 0:
         raise ValueError(
             "`loss_fn` returned a scalar; it must return per-example losses of "
             "shape (batch,), e.g. a Keras loss with `reduction=None`."
         )
-    return tf.cast(per_example, tf.float32)
+    per_example = tf.cast(per_example, tf.float32)
+    if sample_weight is None:
+        return per_example
+    weights = tf.cast(sample_weight, tf.float32)
+    shape = tf.concat([[-1], tf.ones([per_example.shape.rank - 1], tf.int32)], 0)
+    return per_example * tf.reshape(weights, shape)
 
 
 def _sum_over_replicas(
@@ -296,11 +303,7 @@ class TrainStep:
         collector = ownership._Collector(sync=self._sync_bn)
         with collector, tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example = _per_example(self.loss_fn, labels, logits)
-            if sample_weight is not None:
-                per_example = per_example * tf.reshape(
-                    tf.cast(sample_weight, tf.float32), tf.shape(per_example)[:1]
-                )
+            per_example = _per_example(self.loss_fn, labels, logits, sample_weight)
             # One all-reduce: every BN layer's moments and the example count.
             reported, (examples,) = averaging._collect(
                 self._owned, collector, [tf.shape(per_example)[0]]
@@ -558,31 +561,52 @@ def make_train_step(
 
     Args:
       model: any `keras.Model`, built under `strategy.scope()` if distributed.
-      optimizer: a Keras 3 optimizer (it sums gradients across replicas).
-      loss_fn: `loss_fn(labels, logits)` returning *per-example* losses; the
-        step averages them over the global batch and adds `model.losses`.
-      strategy: a `tf.distribute.Strategy`; None means the current one.
+        float16 / bfloat16 mixed precision and float64 models train as well.
+      optimizer: a Keras 3 optimizer (it sums gradients across replicas). If
+        the model computes in float16 it is wrapped in a
+        `keras.mixed_precision.LossScaleOptimizer`, as `model.compile` does
+        (`step.optimizer` is then the wrapper: checkpoint that one); the step
+        scales the loss inside the tape (`optimizer.scale_loss`).
+      loss_fn: `loss_fn(labels, logits)` returning *per-example* losses (a
+        scalar is refused); logits reach it in float32. The step averages
+        them over the true global batch, however it splits over replicas,
+        and adds `model.losses`.
+      strategy: a `tf.distribute.Strategy`; None means the current one, or
+        else the one the model's variables were created under.
       bn_decay: decay of every BN moving average; None keeps each layer's
         `momentum`.
       bn_averaging: `debias` (default; the statistics equal the first batch's
         after one step and are unbiased after any number), `ramp` (TF's
-        `num_updates` schedule) or `plain` (stock Keras). See
+        `num_updates` schedule) or `plain` (stock Keras). Statistics that do
+        not equal the initializer's when a layer has never been updated
+        (restored, pretrained, from `model.fit`) count as a long history in
+        every mode: the first step keeps them with weight `decay`. See
         `tfloop.bn.averaging._effective_decay`.
       sync_bn: normalize with global-batch statistics in the forward pass
-        (one all-reduce per BN layer), for small per-replica batches. The
+        (one all-reduce per BN layer), for small per-replica batches; layers
+        built with `synchronized=True` get this whatever `sync_bn` says. The
         moving statistics are global-batch ones either way.
       bn_audit: `warn`, `error` or `off`: what to do when, on the first step,
         some BN layer reported no batch moments (so it would never learn).
+        The error is a `tfloop.bn.BatchNormAuditError`, also when raised
+        while a user's own `tf.function` traces `replica_fn`.
       gradient_transform: a function of the list of (gradient, variable)
-        pairs, applied to the all-reduced (global) gradients, e.g. clipping.
+        pairs, applied to the all-reduced (global), unscaled gradients, e.g.
+        clipping.
       own_bn: False leaves BN to Keras (stock behaviour: statistics assigned
         in `call`, per replica, with constant momentum). Only for comparisons
         and benchmarks; the `bn_*` and `sync_bn` arguments then do nothing.
       jit_compile: compile the per-replica step with XLA (one replica only).
         Off by default: on CPU it does not pay (`benchmarks/README.md`).
 
+    Dataset elements are `(images, labels)` or `(images, labels,
+    sample_weight)`; labels may be sparse `(B,)`, `(B, 1)` or one-hot.
+
     Returns:
       A `TrainStep`; `step(element)` returns `loss`, `data_loss` and `top1`.
+      It traces again by itself when any layer's `trainable` changes or
+      `bn.freeze` is called; a trainer with its own `tf.function` around
+      `step.replica_fn` must check `step.needs_retrace`.
     """
     return TrainStep(
         model=model,
@@ -623,12 +647,8 @@ class EvalStep:
         """
         images, labels, sample_weight = _as_tensors(images, labels, sample_weight)
         logits = self.model(images, training=False)
-        per_example = _per_example(self.loss_fn, labels, logits)
+        per_example = _per_example(self.loss_fn, labels, logits, sample_weight)
         correct, count = _correct_and_count(labels, logits, sample_weight)
-        if sample_weight is not None:
-            per_example = per_example * tf.reshape(
-                tf.cast(sample_weight, tf.float32), tf.shape(per_example)[:1]
-            )
         return {
             "loss_sum": tf.reduce_sum(per_example),
             "correct": correct,

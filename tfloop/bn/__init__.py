@@ -10,13 +10,20 @@ and `trainable=True`, with the momentum read at trace time, and under
 
 tfloop therefore takes the update out of the layer. A step built by
 `tfloop.make_train_step` *owns* every `keras.layers.BatchNormalization` of its
-model (however deeply nested): during that step's forward pass each owned layer
-normalizes with its batch moments as usual but, instead of assigning its moving
+model with the stock `call` (however deeply nested, also inside `tf.cond` or
+`tf.while_loop`): during that step's forward pass each owned layer normalizes
+with its batch moments as usual but, instead of assigning its moving
 statistics, reports the moments to the step. After the forward pass the step
-applies all updates in one place (`_apply_updates`): one fused cross-replica
-reduction for all layers, then one exponential-moving-average update per layer,
-zero-debiased by default. Outside a tfloop step (`model.fit`, a user's own
-`model(x, training=True)`) an owned layer behaves exactly like the stock layer.
+applies all updates in one place: one fused cross-replica reduction for all
+layers (`averaging._collect`), then one exponential-moving-average update per
+layer, zero-debiased by default (`averaging._apply_updates`). Outside a tfloop
+step (`model.fit`, a user's own `model(x, training=True)`) an owned layer
+behaves exactly like the stock layer. Subclasses that override `call` are
+honoured, not owned (`honoured`).
+
+Modules: `ownership` (the owned call, the collector), `moments` (exact
+pooling), `averaging` (reduction and moving averages), `audit`, `precise`
+(recalibration), `staleness`, `freeze`.
 
 Ownership changes no variable and no class: the layer keeps its weights, its
 config and its checkpoint structure. The only extra state is one update counter
@@ -27,7 +34,7 @@ the model stay interchangeable with stock Keras ones.
 from tfloop.bn.audit import BatchNormAuditError
 from tfloop.bn.averaging import AVERAGING_MODES
 from tfloop.bn.freeze import freeze, unfreeze
-from tfloop.bn.ownership import layers, state
+from tfloop.bn.ownership import honoured, layers, state
 from tfloop.bn.precise import recalibrate
 from tfloop.bn.staleness import Staleness, staleness
 
@@ -36,6 +43,7 @@ __all__ = [
     "BatchNormAuditError",
     "Staleness",
     "freeze",
+    "honoured",
     "layers",
     "recalibrate",
     "staleness",
