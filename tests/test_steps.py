@@ -395,3 +395,28 @@ def test_freezing_any_layer_after_tracing_retraces():
     moved = model.get_layer("out").kernel.numpy()
     step(_tabular(seed=2))
     assert np.abs(model.get_layer("out").kernel.numpy() - moved).max() > 0
+
+
+def test_jit_compiled_step_matches_the_plain_one(mirrored):
+    x, y = _images(16)
+    element = (x, y)
+    steps = []
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(0)
+        model = _sequential()
+        steps.append(
+            tfloop.make_train_step(
+                model, keras.optimizers.SGD(0.1), LOSS, jit_compile=jit_compile
+            )
+        )
+    for _ in range(2):
+        plain, compiled = (step(element) for step in steps)
+    np.testing.assert_allclose(float(compiled["loss"]), float(plain["loss"]), rtol=1e-5)
+    for a, b in zip(steps[0].model.variables, steps[1].model.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+    with mirrored.scope():
+        model = _sequential()
+    with pytest.raises(ValueError, match="`jit_compile=True`.*2 replicas"):
+        tfloop.make_train_step(
+            model, keras.optimizers.SGD(0.1), LOSS, strategy=mirrored, jit_compile=True
+        )
