@@ -16,6 +16,7 @@ TINY = TrainConfig(
     epochs=2,
     log_every=2,
     bn_recalibrate_batches=2,
+    steps_per_loop=1,
 )
 
 
