@@ -38,7 +38,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     # Speed (benchmarks/README.md has the measurements behind the defaults).
-    steps_per_loop: int = 16
+    steps_per_loop: int = 1
     jit_compile: bool = False
     mixed_precision: str = "float32"
     cache: bool = False

@@ -214,8 +214,12 @@ class _Run:
                 steps_per_loop=self.config.steps_per_loop,
                 log_every=log_every,
             ):
-                metrics = self.train_step.run(self.train_iterator, last - first + 1)
-                top1_sum += metrics["top1_sum"]  # A tensor until the epoch ends.
+                if self.config.steps_per_loop == 1:
+                    metrics = self.train_step(next(self.train_iterator))
+                    top1_sum += metrics["top1"]  # A tensor until the epoch ends.
+                else:
+                    metrics = self.train_step.run(self.train_iterator, last - first + 1)
+                    top1_sum += metrics["top1_sum"]
                 if last % log_every == 0:
                     _say(
                         f"step {last}, loss = {float(metrics['loss']):.2f}, "
