@@ -19,8 +19,19 @@ setuptools.setup(
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16"],
-        "test": ["pytest>=7", "ruff>=0.4", "pillow>=9", "matplotlib>=3.5"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.4",
+            "pillow>=9",
+            "matplotlib>=3.5",
+            "tf-slim==1.1.0",  # tests/test_slim_checkpoint.py: slim's real nets.
+        ],
         "plot": ["matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["tfloop-train=tfloop.train:run"]},
+    entry_points={
+        "console_scripts": [
+            "tfloop-train=tfloop.train:run",
+            "tfloop-eval=tfloop.eval:run",
+        ]
+    },
 )

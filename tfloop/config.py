@@ -44,3 +44,23 @@ class TrainConfig:
     cache: bool = False
     # Not a flag: leave BN to stock Keras (the naive loop), for comparisons.
     stock_bn: bool = False
+    # Slim's train_image_classifier.py flags (README: "Coming from slim").
+    checkpoint_path: str | None = None
+    checkpoint_exclude_scopes: str | None = None  # Comma-separated slim scopes.
+    trainable_scopes: str | None = None  # Comma-separated slim scopes.
+    ignore_missing_vars: bool = False
+    learning_rate_decay_type: str = "fixed"
+    learning_rate_decay_factor: float = 0.94
+    num_epochs_per_decay: float = 2.0
+    end_learning_rate: float = 0.0001
+    warmup_epochs: float = 0.0
+    weight_decay: float | None = None  # None: the model's arg_scope default.
+    label_smoothing: float = 0.0
+    momentum: float | None = None  # None (all optimizer knobs): Keras' default.
+    rmsprop_decay: float | None = None
+    rmsprop_momentum: float | None = None
+    opt_epsilon: float | None = None
+    adam_beta1: float | None = None
+    adam_beta2: float | None = None
+    max_number_of_steps: int | None = None
+    moving_average_decay: float | None = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from tfloop import bn, distribute, models
+from tfloop import bn, distribute, models, schedules
 from tfloop.config import MIXED_PRECISION_POLICIES, TrainConfig
 from tfloop.optimize import OPTIMIZER_CLS_NAMES
 
@@ -119,3 +119,92 @@ def config_from_flags() -> TrainConfig:
             if field in values
         }
     )
+
+
+# --- Slim's train_image_classifier.py / eval_image_classifier.py flags ------
+# Same names and meanings as slim's, so a slim command line carries over; the
+# README's migration table lists every difference.
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"], "`eval`: evaluate a checkpoint (tfloop-eval)."
+)
+flags.DEFINE_string(
+    "checkpoint_path",
+    None,
+    "Train: slim checkpoint (prefix or directory) to fine-tune from, used only "
+    "when --model_dir holds no checkpoint. Eval: the checkpoint to evaluate "
+    "(tfloop's or slim's); default: --model_dir's latest.",
+)
+flags.DEFINE_string(
+    "checkpoint_exclude_scopes",
+    None,
+    "Comma-separated slim scopes not loaded from --checkpoint_path.",
+)
+flags.DEFINE_string(
+    "trainable_scopes",
+    None,
+    "Comma-separated slim scopes to train; other layers (BN statistics "
+    "included) stay fixed. Default: all.",
+)
+flags.DEFINE_bool(
+    "ignore_missing_vars",
+    _D.ignore_missing_vars,
+    "Skip variables --checkpoint_path lacks or holds with another shape.",
+)
+flags.DEFINE_enum(
+    "learning_rate_decay_type",
+    _D.learning_rate_decay_type,
+    list(schedules.DECAY_TYPES),
+    "Learning-rate decay (slim's, plus cosine over the run).",
+)
+flags.DEFINE_float(
+    "learning_rate_decay_factor",
+    _D.learning_rate_decay_factor,
+    "Exponential decay factor.",
+)
+flags.DEFINE_float(
+    "num_epochs_per_decay",
+    _D.num_epochs_per_decay,
+    "Epochs per exponential decay step; length of the polynomial decay.",
+)
+flags.DEFINE_float(
+    "end_learning_rate",
+    _D.end_learning_rate,
+    "Final rate of polynomial and cosine decay.",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "warmup_epochs", _D.warmup_epochs, "Epochs of linear warm-up.", lower_bound=0.0
+)
+flags.DEFINE_float(
+    "weight_decay", None, "L2 weight decay; default: the model's (slim arg_scope)."
+)
+flags.DEFINE_float(
+    "label_smoothing", _D.label_smoothing, "Label smoothing of the training loss."
+)
+flags.DEFINE_float("momentum", None, "--optimizer=momentum: momentum (default 0.9).")
+flags.DEFINE_float("rmsprop_decay", None, "--optimizer=rmsprop: decay (rho).")
+flags.DEFINE_float("rmsprop_momentum", None, "--optimizer=rmsprop: momentum.")
+flags.DEFINE_float(
+    "opt_epsilon", None, "Epsilon of adam, adamw, rmsprop, adagrad; default Keras'."
+)
+flags.DEFINE_float("adam_beta1", None, "Adam's beta_1.")
+flags.DEFINE_float("adam_beta2", None, "Adam's beta_2.")
+flags.DEFINE_integer(
+    "max_number_of_steps",
+    None,
+    "Stop training at this global step (or after --epochs, if sooner).",
+    lower_bound=1,
+)
+flags.DEFINE_alias("log_every_n_steps", "log_every")
+flags.DEFINE_float(
+    "moving_average_decay",
+    None,
+    "Keep an EMA of the weights; validate and export it with recalibrated BN "
+    "(MODEL_DIR/averaged). Eval: evaluate MODEL_DIR/averaged.",
+)
+flags.DEFINE_enum(
+    "dataset_split_name", "validation", ["train", "validation"], "Eval: the split."
+)
+flags.DEFINE_integer(
+    "max_num_batches", None, "Eval: at most this many batches.", lower_bound=1
+)

@@ -21,12 +21,13 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn, data, distribute, models, steps, trust
+from tfloop import bn, data, distribute, ema, losses, models, optimizers, steps, trust
 from tfloop.config import TrainConfig
 from tfloop.optimize import optimize_loss
 
@@ -109,12 +110,18 @@ class _Run:
                 num_classes=num_classes,
                 bn_decay=config.bn_decay,
                 image_size=config.image_size,
+                weight_decay=config.weight_decay,
             )
+        models.set_trainable_scopes(self.model, _scopes(config.trainable_scopes))
         self.train_step = optimize_loss(
             self.model,
-            LOSS,
-            learning_rate=config.learning_rate,
-            optimizer=config.optimizer,
+            losses.classification_loss(
+                num_classes, label_smoothing=config.label_smoothing
+            ),
+            learning_rate=None,
+            optimizer=optimizers.from_config(
+                config, steps_per_epoch=self.steps_per_epoch, strategy=self.strategy
+            ),
             strategy=self.strategy,
             # XLA has no summary ops: with `--jit_compile` only validation
             # writes summaries.
@@ -127,9 +134,25 @@ class _Run:
         self.eval_step = steps.make_eval_step(self.model, LOSS, strategy=self.strategy)
         self._scratch = None
         self.manager = None
+        self.averaged_manager = None
+        self.restored = False
         self.writer = tf.summary.create_noop_writer()
         if config.model_dir:
             self._open_model_dir(config.model_dir)
+        if config.checkpoint_path and not self.restored:
+            # Slim's fine-tuning start; a resumed run continues from its own.
+            loaded = models.load_slim_checkpoint(
+                self.model,
+                config.checkpoint_path,
+                exclude_scopes=_scopes(config.checkpoint_exclude_scopes),
+                ignore_missing=config.ignore_missing_vars,
+            )
+            logging.info(
+                "Fine-tuning from %s: %d tensors loaded, %d skipped",
+                config.checkpoint_path,
+                len(loaded.loaded),
+                len(loaded.skipped),
+            )
 
     def _open_model_dir(self, model_dir: str) -> None:
         """Restores the latest checkpoint, if any; opens checkpoints and summaries.
@@ -149,9 +172,16 @@ class _Run:
         if latest:
             checkpoint.restore(latest).assert_existing_objects_matched()
             logging.info("Restored %s", latest)
+            self.restored = True
+        averaged = f"{model_dir}/averaged"
         if not self.chief:
             self._scratch = directory = tempfile.mkdtemp(prefix="tfloop_worker_")
+            averaged = f"{directory}/averaged"
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+        if self.config.moving_average_decay:
+            self.averaged_manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(model=self.model), averaged, max_to_keep=1
+            )
         if self.chief:
             self.writer = tf.summary.create_file_writer(f"{model_dir}/summaries")
 
@@ -201,16 +231,41 @@ class _Run:
             "recalibrated BN on %d batches in %.1f s", used, time.perf_counter() - start
         )
 
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """With --moving_average_decay: the block sees the averaged weights.
+
+        Validation inside recalibrates BN for them; the averaged model is then
+        exported to `MODEL_DIR/averaged`. Raw weights and training statistics
+        come back on exit.
+        """
+        if not self.config.moving_average_decay:
+            yield
+            return
+        with ema.averaged_weights(self.model, self.train_step.optimizer) as swapped:
+            yield
+            if swapped and self.averaged_manager is not None:
+                self.averaged_manager.save(checkpoint_number=self.global_step)
+
+    @property
+    def finished(self) -> bool:
+        """True once --max_number_of_steps is reached."""
+        limit = self.config.max_number_of_steps
+        return bool(limit) and self.global_step >= limit
+
     def train_epoch(self, epoch: int) -> float:
-        """Runs one epoch; returns its mean training accuracy."""
+        """Runs one epoch (up to --max_number_of_steps); returns its mean accuracy."""
         start = time.perf_counter()
         top1_sum = 0.0
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
+        end = first_step + self.steps_per_epoch
+        if self.config.max_number_of_steps:
+            end = min(end, self.config.max_number_of_steps + 1)
         log_every = self.config.log_every
         with self.writer.as_default():
             for first, last in _loops(
                 first_step,
-                first_step + self.steps_per_epoch - 1,
+                end - 1,
                 steps_per_loop=self.config.steps_per_loop,
                 log_every=log_every,
             ):
@@ -226,15 +281,16 @@ class _Run:
                         f"training_acc = {float(metrics['top1']):.4f}"
                     )
         seconds = time.perf_counter() - start
-        images = self.steps_per_epoch * self.config.batch_size
+        num_steps = max(1, end - first_step)
+        images = num_steps * self.config.batch_size
         logging.info(
             "epoch %d: %d steps, %.1f s, %.1f images/s",
             epoch,
-            self.steps_per_epoch,
+            num_steps,
             seconds,
             images / seconds,
         )
-        return float(top1_sum) / self.steps_per_epoch
+        return float(top1_sum) / num_steps
 
     def save(self) -> None:
         if self.manager is not None:
@@ -279,6 +335,11 @@ def _dtype_policy(name: str):
         keras.mixed_precision.set_global_policy(previous)
 
 
+def _scopes(value: str | None) -> list[str]:
+    """A comma-separated flag value as a list (slim's scope flags)."""
+    return [scope.strip() for scope in (value or "").split(",") if scope.strip()]
+
+
 def _count(dataset: tf.data.Dataset) -> int:
     """Batches in one pass of `dataset` (counted once if tf.data cannot tell)."""
     cardinality = int(dataset.cardinality())
@@ -294,11 +355,15 @@ def train(config: TrainConfig) -> list[Validation]:
         # `epochs` counts from the start of training, resumed runs included.
         done = run.global_step // run.steps_per_epoch
         _say("early Validation Step")
-        results = [run.validate(epoch=done)]
+        with run.averaged():
+            results = [run.validate(epoch=done)]
         for epoch in range(done + 1, config.epochs + 1):
+            if run.finished:
+                break
             train_top1 = run.train_epoch(epoch)
             _say("Validation Step")
-            results.append(run.validate(epoch, train_top1))
+            with run.averaged():
+                results.append(run.validate(epoch, train_top1))
             run.save()  # After recalibration: checkpoints hold precise statistics.
         return results
     finally:

@@ -13,6 +13,7 @@ import sys
 from absl import app
 
 from tfloop import demo, runner
+from tfloop import eval as tfloop_eval
 from tfloop import flags as tfloop_flags
 
 
@@ -20,7 +21,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = tfloop_flags.config_from_flags()
-    if tfloop_flags.flags.FLAGS.compare_bn:
+    if tfloop_flags.flags.FLAGS.mode == "eval":
+        tfloop_eval.evaluate_from_flags(config)  # Also its own binary: tfloop-eval.
+    elif tfloop_flags.flags.FLAGS.compare_bn:
         demo.compare_bn(config)
     else:
         runner.train(config)

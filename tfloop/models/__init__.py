@@ -11,7 +11,9 @@ initializers, dropout), so that training recipes written for slim carry over:
 | `resnet_v1_50`    | `resnet_v1.resnet_v1_50`         | 32                 |
 | `resnet_v1_small` | `resnet_v1_test._resnet_small`   | 32                 |
 
-All use slim's `global_pool=True` head, so any size at or above the minimum
+`load_slim_checkpoint` reads slim's TF1 checkpoints (published ImageNet
+ones included) into these nets; `set_trainable_scopes` is slim's
+`--trainable_scopes`. All use slim's `global_pool=True` head, so any size at or above the minimum
 works. Models are functional `keras.Model`s from float NHWC images to logits
 (no softmax). Batch norm layers are plain `keras.layers.BatchNormalization`,
 whose moving statistics tfloop's training loop manages. Weight decay is in
@@ -28,6 +30,11 @@ import keras
 from tfloop.models.alexnet import alexnet_v2
 from tfloop.models.inception import inception_v1
 from tfloop.models.resnet import resnet_v1_50, resnet_v1_small
+from tfloop.models.slim_checkpoint import (
+    SlimCheckpointLoad,
+    load_slim_checkpoint,
+    set_trainable_scopes,
+)
 
 _BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "alexnet_v2": alexnet_v2,
@@ -38,7 +45,13 @@ _BUILDERS: dict[str, Callable[..., keras.Model]] = {
 
 NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
-__all__ = ["NAMES", "get"]
+__all__ = [
+    "NAMES",
+    "SlimCheckpointLoad",
+    "get",
+    "load_slim_checkpoint",
+    "set_trainable_scopes",
+]
 
 
 def get(

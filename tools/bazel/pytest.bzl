@@ -7,7 +7,7 @@ def pytest_test(name, src, size = "medium"):
         srcs = ["//:tests/pytest_main.py", src],
         main = "//:tests/pytest_main.py",
         args = ["$(location %s)" % src],
-        data = native.glob(["tests/*.py"], exclude = [src]) + ["//:README.md"],
+        data = native.glob(["tests/*.py"], exclude = [src]) + native.glob(["flags/*.flags"]) + ["//:README.md"],
         imports = ["tests"],
         deps = ["//:tfloop"],
     )
