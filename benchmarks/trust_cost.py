@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
             strategy=run.strategy,
         )
         iterator = run.train_iterator
-        _, step = _timed(lambda: float(run.train_step.run(iterator, 1)["loss"]))
+        _, step = _timed(lambda: float(run.train_step(next(iterator))["loss"]))
     finally:
         run.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
