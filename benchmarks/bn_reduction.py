@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+import train_speed  # This directory: the small BN CNN.
 
 import tfloop
 from tfloop import distribute, models
@@ -68,7 +69,11 @@ def build_steps(
     """One model, optimizer and train step per variant, equal initial weights."""
     trains = {}
     with strategy.scope():
-        base = models.get(model_name, num_classes=4, image_size=image_size)
+        base = (
+            train_speed.small_cnn(image_size)
+            if model_name == "small_cnn"
+            else models.get(model_name, num_classes=4, image_size=image_size)
+        )
         for variant in variants:
             if variant == "synchronized":
                 model = synchronized_copy(base)
@@ -112,7 +117,18 @@ def main() -> None:
         action="store_true",
         help="time stock and tfloop only (synchronized BN takes a minute to trace)",
     )
+    parser.add_argument(
+        "--tiny", action="store_true", help="small_cnn, 1 round of 1 step (CI)"
+    )
     args = parser.parse_args()
+    if args.tiny:
+        args.model, args.rounds, args.steps, args.per_replica_batch = (
+            "small_cnn",
+            1,
+            1,
+            4,
+        )
+        args.skip_synchronized = True
     variants = VARIANTS[:2] if args.skip_synchronized else VARIANTS
 
     distribute.split_cpu(2)

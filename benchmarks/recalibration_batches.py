@@ -20,6 +20,7 @@ call's cost into a fixed part and a per-batch part: a `recalibrate` call
 traces its own `tf.function`, which every validation of `tfloop-train` pays.
 
     /tmp/venv/bin/python benchmarks/recalibration_batches.py
+    /tmp/venv/bin/python benchmarks/recalibration_batches.py --tiny   # CI
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 
 import keras
 import numpy as np
+import train_speed  # This directory: the small BN CNN.
 
 import tfloop
 
@@ -95,17 +97,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per K")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tiny", action="store_true", help="small_cnn, 2 batches, K in (1, 2) (CI)"
+    )
     args = parser.parse_args()
+    global KS, CHECKPOINTS
+    train_examples = None
+    if args.tiny:
+        KS, CHECKPOINTS, train_examples, args.repeats = (1, 2), (1, 2), 64, 1
 
     keras.utils.set_random_seed(args.seed)
     load = {"data_dir": None, "image_size": 32, "batch_size": 32, "seed": args.seed}
-    train_data, num_classes = tfloop.data.load("shapes", split="train", **load)
+    train_data, num_classes = tfloop.data.load(
+        "shapes", split="train", num_examples=train_examples, **load
+    )
     val_data, _ = tfloop.data.load("shapes", split="validation", **load)
     calib_data, _ = tfloop.data.load("shapes", split="train", augment=False, **load)
     steps_per_epoch = int(train_data.cardinality())
-    model = tfloop.models.get(
-        "inception_v1", num_classes=num_classes, bn_decay=0.9997, image_size=32
-    )
+    if args.tiny:
+        model = train_speed.small_cnn(32)
+    else:
+        model = tfloop.models.get(
+            "inception_v1", num_classes=num_classes, bn_decay=0.9997, image_size=32
+        )
     train_step = tfloop.make_train_step(
         model, keras.optimizers.Adam(1e-3), LOSS, bn_averaging="debias"
     )

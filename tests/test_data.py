@@ -350,3 +350,20 @@ def test_load_errors():
         data.load("imagenet", data_dir="/tmp", **kwargs)
     with pytest.raises(ValueError, match=r"`folder` needs a data directory"):
         data.load("folder", data_dir=None, **kwargs)
+
+
+def test_cached_pipeline_yields_the_same_batches_every_epoch():
+    kwargs = {
+        "split": "train",
+        "data_dir": None,
+        "image_size": 16,
+        "batch_size": 8,
+        "seed": 3,
+        "num_examples": 24,
+    }
+    plain, _ = data.load("shapes", **kwargs)
+    cached, _ = data.load("shapes", cache=True, **kwargs)
+    for epoch in range(2):  # The second epoch reads the cache.
+        for (a, la), (b, lb) in zip(plain, cached, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{epoch}")
+            np.testing.assert_array_equal(la.numpy(), lb.numpy())

@@ -157,6 +157,61 @@ def test_bad_arguments_name_themselves():
         tfloop.make_train_step(model, keras.optimizers.SGD(0.1), LOSS, bn_audit="loud")
 
 
+def _two_copies(strategy):
+    """Two identical models with their own train steps (Adam: it has slots)."""
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        first = _functional_nested()
+        second = keras.models.clone_model(first)
+        second.set_weights(first.get_weights())
+        return [
+            tfloop.make_train_step(
+                model, keras.optimizers.Adam(0.01), LOSS, strategy=strategy
+            )
+            for model in (first, second)
+        ]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_run_is_bit_identical_to_single_steps(replicas, mirrored):
+    strategy = mirrored if replicas == 2 else tf.distribute.get_strategy()
+    single, looped = _two_copies(strategy)
+    x, y = _images(7 * 8)
+    # Static batch shape, as in training: a single step is traced for its
+    # element's shapes, the loop for the iterator's (they must agree).
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
+    iterators = [
+        iter(strategy.experimental_distribute_dataset(dataset)) for _ in range(2)
+    ]
+    expected_top1 = []
+    for _ in range(7):
+        metrics = single(next(iterators[0]))
+        expected_top1.append(float(metrics["top1"]))
+    # Chunks of different lengths: one trace serves them all.
+    for num_steps in (3, 1, 3):
+        looped_metrics = looped.run(iterators[1], num_steps)
+    assert looped._functions["loop"][1].experimental_get_tracing_count() == 1
+    for key in ("loss", "data_loss", "top1"):
+        assert float(looped_metrics[key]) == float(metrics[key]), key
+    np.testing.assert_allclose(
+        float(looped_metrics["top1_sum"]), sum(expected_top1[4:]), rtol=1e-6
+    )
+    models = [single.model, looped.model]
+    assert int(looped.optimizer.iterations.numpy()) == 7
+    for a, b in zip(models[0].variables, models[1].variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    for a, b in zip(*(bn.state(m).counts for m in models)):
+        assert int(a.numpy()) == int(b.numpy()) == 7
+
+
+def test_run_rejects_a_bad_number_of_steps():
+    step = tfloop.make_train_step(_sequential(), keras.optimizers.SGD(0.1), LOSS)
+    iterator = iter(tf.data.Dataset.from_tensors(_images(4)).repeat())
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises((ValueError, TypeError), match=f"`num_steps`.*{bad!r}"):
+            step.run(iterator, bad)
+
+
 # --- Nothing silently wrong: dtypes, labels, eager, weights ----------------
 
 
@@ -340,3 +395,28 @@ def test_freezing_any_layer_after_tracing_retraces():
     moved = model.get_layer("out").kernel.numpy()
     step(_tabular(seed=2))
     assert np.abs(model.get_layer("out").kernel.numpy() - moved).max() > 0
+
+
+def test_jit_compiled_step_matches_the_plain_one(mirrored):
+    x, y = _images(16)
+    element = (x, y)
+    steps = []
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(0)
+        model = _sequential()
+        steps.append(
+            tfloop.make_train_step(
+                model, keras.optimizers.SGD(0.1), LOSS, jit_compile=jit_compile
+            )
+        )
+    for _ in range(2):
+        plain, compiled = (step(element) for step in steps)
+    np.testing.assert_allclose(float(compiled["loss"]), float(plain["loss"]), rtol=1e-5)
+    for a, b in zip(steps[0].model.variables, steps[1].model.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+    with mirrored.scope():
+        model = _sequential()
+    with pytest.raises(ValueError, match="`jit_compile=True`.*2 replicas"):
+        tfloop.make_train_step(
+            model, keras.optimizers.SGD(0.1), LOSS, strategy=mirrored, jit_compile=True
+        )

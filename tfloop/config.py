@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+# Keras dtype policies of `--mixed_precision`.
+MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -40,6 +43,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     deterministic: bool = False
     on_nonfinite: str = "stop"
+    # Speed (benchmarks/README.md has the measurements behind the defaults).
+    steps_per_loop: int = 1
+    jit_compile: bool = False
+    mixed_precision: str = "float32"
+    cache: bool = False
     # Not a flag: leave BN to stock Keras (the naive loop), for comparisons.
     stock_bn: bool = False
     # Slim's train_image_classifier.py flags (README: "Coming from slim").

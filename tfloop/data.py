@@ -443,6 +443,7 @@ def load(
     seed: int,
     num_examples: int | None = None,
     augment: bool | None = None,
+    cache: bool = False,
 ) -> tuple[tf.data.Dataset, int]:
     """Returns batched `(images, labels)` of a named source and its class count.
 
@@ -455,7 +456,9 @@ def load(
     augmented and drops the last partial batch; other splits are not.
     `augment=False` gives a train split the evaluation treatment (central
     crop, every example once, in order), e.g. to recalibrate BN statistics
-    on the input distribution validation sees.
+    on the input distribution validation sees. `cache=True` keeps the decoded
+    (not yet augmented) images in memory after the first pass, so later
+    epochs skip reading and decoding; it needs memory for the whole split.
 
     Raises:
       ValueError: for an unknown name, a missing `data_dir`, or any error of
@@ -480,6 +483,8 @@ def load(
             num_classes = max(read_label_file(data_dir)) + 1
     else:
         raise ValueError(f"unknown dataset `{name}`; expected one of {_SOURCES}")
+    if cache:
+        source = source.cache()
     dataset = batches(
         source, image_size=image_size, batch_size=batch_size, train=augment, seed=seed
     )

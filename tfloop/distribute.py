@@ -73,18 +73,28 @@ def distribute(
 
 
 def split_batch(strategy: tf.distribute.Strategy, element):
-    """Splits one global batch `(images, labels)` into per-replica shards.
+    """Splits one global batch `(images, labels[, weights])` into per-replica shards.
 
     For a batch read from a plain iterator, which (unlike the iterator of a
-    distributed dataset) `tf.train.Checkpoint` can save. Replica i of the
-    cluster gets the i-th equal slice, as every worker reads the same batches.
+    distributed dataset) `tf.train.Checkpoint` can save; a train step does
+    this itself with any batch that is not already distributed. Replica i of
+    the cluster gets the i-th slice (the first `batch % replicas` slices one
+    example more, as `tf.data`'s rebatching), as every worker reads the same
+    batches. Works eagerly and inside a `tf.function`.
     """
     if strategy.num_replicas_in_sync == 1:
         return element
 
-    def shard(context: tf.distribute.ValueContext):
-        index = context.replica_id_in_sync_group
-        count = context.num_replicas_in_sync
-        return tuple(tf.split(value, count)[index] for value in element)
+    def shard(value):
+        def piece(context: tf.distribute.ValueContext):
+            index = context.replica_id_in_sync_group
+            count = context.num_replicas_in_sync
+            batch = tf.shape(value)[0]
+            size = batch // count + tf.cast(index < batch % count, tf.int32)
+            start = index * (batch // count) + tf.minimum(index, batch % count)
+            return value[start : start + size]
 
-    return strategy.experimental_distribute_values_from_function(shard)
+        return strategy.experimental_distribute_values_from_function(piece)
+
+    # Like an element of a distributed dataset: a structure of per-replica values.
+    return tf.nest.map_structure(shard, element)

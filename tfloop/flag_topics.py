@@ -63,6 +63,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "devices": ("strategy", "num_cpu_devices"),
     "output": ("model_dir", "log_every", "log_every_n_steps", "export_dir"),
     "runs that survive": ("checkpoint_every_steps", "deterministic", "on_nonfinite"),
+    "speed": ("steps_per_loop", "jit_compile", "mixed_precision", "cache"),
 }
 
 _PREFIX = "tfloop: "

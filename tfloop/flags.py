@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import flags
 
 from tfloop import bn, distribute, models, nonfinite, schedules
-from tfloop.config import TrainConfig
+from tfloop.config import MIXED_PRECISION_POLICIES, TrainConfig
 from tfloop.optimize import OPTIMIZER_CLS_NAMES
 
 _D = TrainConfig()  # Defaults live in one place: the config.
@@ -90,6 +90,24 @@ flags.register_multi_flags_validator(
     ["export_dir", "compare_bn"],
     lambda f: not (f["export_dir"] and f["compare_bn"]),
     message="--export_dir does not apply to --compare_bn (four runs, no one model).",
+)
+
+# Speed: benchmarks/README.md has the measurements behind the defaults.
+flags.DEFINE_integer(
+    "steps_per_loop",
+    _D.steps_per_loop,
+    "Train steps per tf.function call (chunks end at --log_every points).",
+    lower_bound=1,
+)
+flags.DEFINE_bool("jit_compile", _D.jit_compile, "Compile the train step with XLA.")
+flags.DEFINE_enum(
+    "mixed_precision",
+    _D.mixed_precision,
+    list(MIXED_PRECISION_POLICIES),
+    "Keras dtype policy of the model.",
+)
+flags.DEFINE_bool(
+    "cache", _D.cache, "Cache decoded training images in memory (the first epoch)."
 )
 
 flags.register_validator(

@@ -96,6 +96,7 @@ class _Run:
                 config.dataset,
                 split="train",
                 num_examples=config.train_examples,
+                cache=config.cache,
                 **load,
             )
             val_data, _ = data.load(
@@ -133,7 +134,11 @@ class _Run:
         self.calib_data = distribute.distribute(self.strategy, calib_data)
         # One validation batch on which BN health (staleness) is measured.
         self.health_batch = next(iter(val_data))
-        with self.strategy.scope(), checks.input_errors():
+        with (
+            self.strategy.scope(),
+            checks.input_errors(),
+            _dtype_policy(config.mixed_precision),
+        ):
             self.model = models.get(
                 config.model,
                 num_classes=num_classes,
@@ -155,14 +160,13 @@ class _Run:
                 config, steps_per_epoch=self.steps_per_epoch, strategy=self.strategy
             ),
             strategy=self.strategy,
-            summaries=(
-                ("loss", "learning_rate", "global_gradient_norm")
-                if config.model_dir
-                else ("loss", "learning_rate")
-            ),
+            # XLA has no summary ops: with `--jit_compile` only validation
+            # writes summaries.
+            summaries=_train_summaries(config),
             bn_averaging=config.bn_averaging,
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
+            jit_compile=config.jit_compile,
             # Non-finite steps are never applied (see `tfloop.nonfinite`).
             check_numerics=False,
             on_nonfinite=config.on_nonfinite,
@@ -255,15 +259,7 @@ class _Run:
         result = moving
         batches = self.config.bn_recalibrate_batches
         if batches and not self.config.stock_bn and bn.layers(self.model):
-            start = time.perf_counter()
-            used = bn.recalibrate(
-                self.model, self.calib_data, num_batches=batches, strategy=self.strategy
-            )
-            logging.info(
-                "recalibrated BN on %d batches in %.1f s",
-                used,
-                time.perf_counter() - start,
-            )
+            self._recalibrate(batches)
             result = steps.evaluate(self.eval_step, self.val_data)
             _check_finite_validation(self.model, result["loss"], self.global_step)
             stale = progress.stale_line(moving["loss"], result["loss"])
@@ -281,6 +277,15 @@ class _Run:
             moving_loss=moving["loss"],
             moving_top1=moving["top1"],
             train_top1=train_top1,
+        )
+
+    def _recalibrate(self, batches: int) -> None:
+        start = time.perf_counter()
+        used = bn.recalibrate(
+            self.model, self.calib_data, num_batches=batches, strategy=self.strategy
+        )
+        logging.info(
+            "recalibrated BN on %d batches in %.1f s", used, time.perf_counter() - start
         )
 
     @contextlib.contextmanager
@@ -306,9 +311,16 @@ class _Run:
         return bool(limit) and self.global_step >= limit
 
     def train_epoch(self, epoch: int) -> float:
-        """Runs (the rest of) one epoch, up to --max_number_of_steps; returns its mean accuracy."""
+        """Runs (the rest of) one epoch, up to --max_number_of_steps; returns its mean accuracy.
+
+        With `--steps_per_loop` > 1 several steps run in one call
+        (`TrainStep.run`); a call ends at every `--log_every` and
+        `--checkpoint_every_steps` step, so lines and checkpoints fall on the
+        same steps either way.
+        """
         start = time.perf_counter()
         top1_sum = 0.0
+        applied = 0
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
         last_step = epoch * self.steps_per_epoch
         if self.config.max_number_of_steps:
@@ -321,33 +333,39 @@ class _Run:
         )
         window = (first_step - 1, start)  # Step and time of the last step line.
         with self.writer.as_default():
-            for step in range(first_step, last_step + 1):
-                metrics = self.train_step(
-                    distribute.split_batch(self.strategy, next(self.train_iterator))
-                )
-                if nonfinite.check_step(step, metrics, mode=self.config.on_nonfinite):
-                    top1_sum += metrics["top1"]  # A tensor until the epoch ends.
-                else:
-                    self._skipped_step(step, metrics)
-                if step % self.config.log_every == 0:
+            for first, last in _loops(
+                first_step,
+                last_step,
+                steps_per_loop=self.config.steps_per_loop,
+                boundaries=(self.config.log_every, every),
+            ):
+                metrics = self._train_steps(last - first + 1)
+                # Stops (`--on_nonfinite=stop`) naming the call's last step.
+                nonfinite.check_step(last, metrics, mode=self.config.on_nonfinite)
+                skipped = int(metrics["nonfinite_steps"])
+                if skipped:
+                    self._skipped_steps(last, skipped, metrics)
+                top1_sum += metrics["top1_sum"]  # A tensor until the epoch ends.
+                applied += last - first + 1 - skipped
+                if last % self.config.log_every == 0:
                     _say(
-                        f"step {step}, loss = {float(metrics['loss']):.2f}, "
+                        f"step {last}, loss = {float(metrics['loss']):.2f}, "
                         f"training_acc = {float(metrics['top1']):.4f}"
                     )
                     now = time.perf_counter()
                     summaries.train(
-                        step=step,
+                        step=last,
                         top1=float(metrics["top1"]),
-                        images_per_second=(step - window[0])
+                        images_per_second=(last - window[0])
                         * self.config.batch_size
                         / (now - window[1]),
                     )
-                    window = (step, now)
-                bar.update(step - first_step + 1, metrics)
+                    window = (last, now)
+                bar.update(last - first_step + 1, metrics)
                 if self.checkpoints is not None:
-                    self.checkpoints.after_step(step)
-                    if every and step % every == 0 and step != last_step:
-                        self.checkpoints.save(step)
+                    self.checkpoints.after_step(last)
+                    if every and last % every == 0 and last != last_step:
+                        self.checkpoints.save(last)
         bar.close()
         steps_run = last_step - first_step + 1
         seconds = time.perf_counter() - start
@@ -358,14 +376,27 @@ class _Run:
             seconds,
             steps_run * self.config.batch_size / seconds,
         )
-        return float(top1_sum) / max(steps_run, 1)
+        return float(top1_sum) / max(applied, 1)
 
-    def _skipped_step(self, step: int, metrics: dict) -> None:
-        """`--on_nonfinite=skip`: counts the step, in the log and TensorBoard."""
-        self.skipped.assign_add(1)
+    def _train_steps(self, count: int) -> dict:
+        """`count` steps on the next batches: metrics as `TrainStep.run` gives them."""
+        if count > 1:
+            return self.train_step.run(self.train_iterator, count)
+        metrics = self.train_step(next(self.train_iterator))
+        bad = 1 if nonfinite.describe(metrics) else 0
+        return {
+            **metrics,
+            "top1_sum": 0.0 if bad else metrics["top1"],
+            "nonfinite_steps": bad,
+        }
+
+    def _skipped_steps(self, step: int, count: int, metrics: dict) -> None:
+        """`--on_nonfinite=skip`: counts the steps, in the log and TensorBoard."""
+        self.skipped.assign_add(count)
         logging.warning(
-            "step %d skipped: non-finite %s (%d skipped so far)",
+            "step %d: %d step(s) skipped: non-finite %s (%d skipped so far)",
             step,
+            count,
             nonfinite.describe(metrics),
             int(self.skipped.numpy()),
         )
@@ -395,6 +426,50 @@ class _Run:
             self._writer.close()
         if self.checkpoints is not None:
             self.checkpoints.close()
+
+
+def _train_summaries(config: TrainConfig) -> tuple[str, ...]:
+    """The train step's summaries: none under XLA (it has no summary ops)."""
+    if config.jit_compile:
+        return ()
+    if config.model_dir:
+        return ("loss", "learning_rate", "global_gradient_norm")
+    return ("loss", "learning_rate")
+
+
+def _loops(
+    first: int, last: int, *, steps_per_loop: int, boundaries: tuple[int, ...]
+) -> list[tuple[int, int]]:
+    """Splits steps `first..last` into calls of at most `steps_per_loop` steps.
+
+    A call ends at every multiple of each of `boundaries` (0: none), so step
+    lines and checkpoints fall on the same steps whatever `steps_per_loop` is.
+    """
+    loops = []
+    while first <= last:
+        end = min(first + steps_per_loop - 1, last)
+        for every in boundaries:
+            if every:
+                end = min(end, -(-first // every) * every)  # First multiple >= first.
+        loops.append((first, end))
+        first = end + 1
+    return loops
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    """Builds layers under Keras dtype policy `name`; restores the global one.
+
+    Layers keep the policy they were built with, so the process-wide policy
+    is set only while the model is built (other runs in the process, e.g.
+    `--compare_bn`'s variants, are not affected).
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _scopes(value: str | None) -> list[str]:

@@ -12,13 +12,14 @@ elements. Each step object exposes two levels, so it fits any trainer:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from tfloop import bn, nonfinite
+from tfloop import bn, distribute, nonfinite
 from tfloop.bn import audit, averaging, ownership
 
 __all__ = [
@@ -195,7 +196,10 @@ def _run_and_reduce(
             "The step got an element of a distributed dataset but runs on the "
             "default strategy: pass `strategy=` the strategy that distributed it."
         )
-    per_replica = strategy.run(stacked, args=_split(element))
+    element = _split(element)
+    if not distributed:  # A global batch: each replica takes its slice.
+        element = distribute.split_batch(strategy, element)
+    per_replica = strategy.run(stacked, args=element)
     total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
     return dict(zip(keys, tf.unstack(total)))
 
@@ -234,6 +238,7 @@ class TrainStep:
         gradient_transform: GradientTransform | None = None,
         own_bn: bool = True,
         on_nonfinite: str | None = None,
+        jit_compile: bool = False,
     ):
         _check_choice("bn_averaging", bn_averaging, averaging.AVERAGING_MODES)
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
@@ -248,6 +253,12 @@ class TrainStep:
                 f"{type(optimizer).__name__}."
             )
         strategy = _strategy_for(model, strategy)
+        if jit_compile and strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "`jit_compile=True` needs a single replica: the optimizer's "
+                "cross-replica update cannot be compiled by XLA; got "
+                f"{strategy.num_replicas_in_sync} replicas."
+            )
         self.model = model
         self.optimizer = _with_loss_scaling(model, optimizer, strategy)
         self.loss_fn = loss_fn
@@ -257,6 +268,13 @@ class TrainStep:
         self._sync_bn = sync_bn
         self._bn_audit = bn_audit
         self._gradient_transform = gradient_transform
+        # XLA compiles the per-replica body; the loop of `run` reads its
+        # iterator outside it (XLA has no input ops).
+        self._replica_body = (
+            tf.function(self.replica_fn, jit_compile=True)
+            if jit_compile
+            else self.replica_fn
+        )
         self._owned = []
         if own_bn:
             with strategy.scope():
@@ -268,7 +286,9 @@ class TrainStep:
                 self.optimizer.build(model.trainable_variables)
         self._layers = None  # Flattened once, for `_trace_key`.
         self._traced_key = None
-        self._function = None
+        # Traced functions by name ("step", "loop"), with the `_trace_key`
+        # they were traced for.
+        self._functions: dict[str, tuple[tuple, Callable]] = {}
         self._silent: list[str] = []
         self._silent_token = None  # Set by the first replica that audits a trace.
         self._defer_audit_errors = False
@@ -400,7 +420,7 @@ class TrainStep:
         ]
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        return _metrics(_run_and_reduce(self.strategy, self.replica_fn, element))
+        return _metrics(_run_and_reduce(self.strategy, self._replica_body, element))
 
     def _trace_key(self) -> tuple:
         """What a traced step depends on besides its inputs: trainability, freezes.
@@ -430,28 +450,85 @@ class TrainStep:
 
     def __call__(self, element) -> dict[str, tf.Tensor]:
         """Runs one step on one element of the (distributed) dataset."""
-        if self._function is None or self.needs_retrace:
-            self._function = tf.function(self._step)
-            self._silent_token = None
-            # Trace before running, so that `bn_audit="error"` stops the
-            # first step before it changes anything, with a plain exception.
-            self._defer_audit_errors = True
-            try:
-                self._function.get_concrete_function(element)
-            finally:
-                self._defer_audit_errors = False
-            if self._silent and self._bn_audit == "error":
-                raise bn.BatchNormAuditError(audit._audit_message(self._silent))
-        return self._function(element)
+        return self._traced("step", self._step, element)(element)
+
+    def run(self, iterator, num_steps: int) -> dict[str, tf.Tensor]:
+        """Runs `num_steps` steps in one `tf.function` call, as Orbit does.
+
+        The steps take their elements from `iterator` (of a dataset, or of a
+        distributed dataset of the step's strategy), which must have
+        `num_steps` more. Results are bit-identical to `num_steps` calls of
+        the step on `next(iterator)` when the iterator's element shapes are
+        those of its elements (a static batch size, as `drop_remainder=True`
+        gives; the single step is traced for its element's shapes, and
+        grappler folds static shapes into different but equivalent
+        arithmetic). The per-call overhead (a host round
+        trip, which dominates small models and batches) is paid once per
+        call. `num_steps` is a tensor inside, so calls of any length share
+        one trace.
+
+        Returns:
+          The last step's `loss`, `data_loss`, `top1` (and non-finite flags),
+          `top1_sum`, the sum of `top1` over the applied steps (for the mean
+          training accuracy), and `nonfinite_steps`, how many steps were not
+          applied (`on_nonfinite`).
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+            raise TypeError(f"`num_steps` must be an integer, got {num_steps!r}.")
+        if num_steps < 1:
+            raise ValueError(f"`num_steps` must be at least 1, got {num_steps!r}.")
+        num_steps = tf.constant(int(num_steps), tf.int32)
+        return self._traced("loop", self._loop, iterator, num_steps)(
+            iterator, num_steps
+        )
+
+    def _loop(self, iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+        zero = tf.constant(0.0, tf.float32)
+        keys = ["loss", "data_loss", "top1"]
+        if self.on_nonfinite is not None:
+            keys += list(nonfinite.KEYS)
+        metrics = dict.fromkeys(keys, zero)
+        top1_sum = skipped = zero
+        for _ in tf.range(num_steps):
+            metrics = {k: v for k, v in self._step(next(iterator)).items() if k in keys}
+            bad = tf.cast(
+                tf.add_n([metrics[k] for k in nonfinite.KEYS if k in metrics] + [zero])
+                > 0,
+                tf.float32,
+            )
+            top1_sum += (1.0 - bad) * metrics["top1"]
+            skipped += bad
+        return {**metrics, "top1_sum": top1_sum, "nonfinite_steps": skipped}
+
+    def _traced(self, name: str, python_fn: Callable, *args) -> Callable:
+        """The `tf.function` of `python_fn`, traced for `args` if not yet.
+
+        A change of trainability or BN freezing after tracing (`_trace_key`)
+        changes what the graph must do: trace again rather than silently
+        ignore it. Tracing before running lets `bn_audit="error"` stop the
+        first step before it changes anything, with a plain exception.
+        """
+        key = self._trace_key()
+        traced = self._functions.get(name)
+        if traced is not None and traced[0] == key:
+            return traced[1]
+        function = tf.function(python_fn)
+        self._functions[name] = (key, function)
+        self._silent_token = None
+        self._defer_audit_errors = True
+        try:
+            function.get_concrete_function(*args)
+        finally:
+            self._defer_audit_errors = False
+        if self._silent and self._bn_audit == "error":
+            raise bn.BatchNormAuditError(audit._audit_message(self._silent))
+        return function
 
     @property
     def tracing_count(self) -> int:
         """How many times the step was traced (one per input signature)."""
-        return (
-            0
-            if self._function is None
-            else self._function.experimental_get_tracing_count()
-        )
+        traced = self._functions.get("step")
+        return 0 if traced is None else traced[1].experimental_get_tracing_count()
 
 
 def _strategy_for(
@@ -526,6 +603,7 @@ def make_train_step(
     gradient_transform: GradientTransform | None = None,
     own_bn: bool = True,
     on_nonfinite: str | None = None,
+    jit_compile: bool = False,
 ) -> TrainStep:
     """Builds a train step that owns the batch-norm statistics of `model`.
 
@@ -573,6 +651,8 @@ def make_train_step(
         `nonfinite_gradients` and `nonfinite_bn` (replicas that saw it; BN
         moments are checked after the reduction, so every replica sees them);
         `tfloop.nonfinite.check_step` stops or counts (`tfloop.nonfinite`).
+      jit_compile: compile the per-replica step with XLA (one replica only).
+        Off by default: on CPU it does not pay (`benchmarks/README.md`).
 
     Dataset elements are `(images, labels)` or `(images, labels,
     sample_weight)`; labels may be sparse `(B,)`, `(B, 1)` or one-hot.
@@ -595,6 +675,7 @@ def make_train_step(
         gradient_transform=gradient_transform,
         own_bn=own_bn,
         on_nonfinite=on_nonfinite,
+        jit_compile=jit_compile,
     )
 
 

@@ -85,31 +85,23 @@ def recalibrate(
         targets = _calibration_targets(model)
     if isinstance(dataset, tf.data.Dataset):
         dataset = strategy.experimental_distribute_dataset(dataset.take(num_batches))
-
-    batch_moments = _calibration_function(model, targets, strategy)
-    totals: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
-    used = 0
-    for element in dataset:
-        if used == num_batches:
-            break
-        for i, (count, mean, variance) in batch_moments(element).items():
-            totals[i] = _chan_merge(
-                totals.get(i),
-                (
-                    float(count),
-                    mean.numpy().astype(np.float64),
-                    variance.numpy().astype(np.float64),
-                ),
-            )
-        used += 1
+    calibration_pass = _calibration_function(model, targets, strategy)
+    used, counts, means, variances = (
+        t.numpy()
+        for t in calibration_pass(iter(dataset), tf.constant(num_batches, tf.int32))
+    )
     if used == 0:
         raise ValueError("`dataset` yielded no batches to recalibrate with.")
-    for i, (_, mean, variance) in totals.items():
-        layer, layer_state = targets[i]
+    channels = np.cumsum([layer.moving_mean.shape[0] for layer, _ in targets])[:-1]
+    for (layer, layer_state), count, mean, variance in zip(
+        targets, counts, np.split(means, channels), np.split(variances, channels)
+    ):
+        if count == 0:  # Not reached by the forward pass: left alone.
+            continue
         layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
         layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
         layer_state.count.assign(used)
-    return used
+    return int(used)
 
 
 # Traced calibration passes, per model and (strategy, layers), so that a
@@ -118,34 +110,65 @@ _CALIBRATION_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _calibration_function(model, targets, strategy) -> Callable:
-    """The `tf.function` of one calibration batch: global (count, mean, var)."""
+    """The `tf.function` of a whole calibration pass over an iterator.
+
+    All batches are merged on the device, in float64, inside one call (one
+    host round trip per recalibration, not one per batch). It returns the
+    number of batches used, and per target layer its element count and per
+    channel (all layers' channels concatenated) the pooled mean and variance.
+    """
     functions = _CALIBRATION_FUNCTIONS.setdefault(model, {})
     key = (strategy, tuple(id(layer) for layer, _ in targets))
-    if key not in functions:
-        model_ref = weakref.ref(model)  # The cache must not keep the model alive.
+    if key in functions:
+        return functions[key]
+    model_ref = weakref.ref(model)  # The cache must not keep the model alive.
+    channels = [layer.moving_mean.shape[0] for layer, _ in targets]
+    layer_of_channel = np.repeat(np.arange(len(channels)), channels)
 
-        @tf.function
-        def batch_moments(element):
-            def replica_fn(element):
-                return _calibration_moments(model_ref(), targets, _images_of(element))
+    def batch_totals(element) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        moments = _calibration_moments(model_ref(), targets, _images_of(element))
+        zeros = [tf.zeros([c], tf.float64) for c in channels]
+        parts = [moments.get(i, (0.0, z, z)) for i, z in enumerate(zeros)]
+        return tuple(
+            tf.concat([tf.reshape(tf.cast(p[k], tf.float64), [-1]) for p in parts], 0)
+            for k in range(3)
+        )
 
-            per_replica = strategy.run(replica_fn, args=(element,))
+    @tf.function
+    def calibration_pass(iterator, num_batches):
+        counts = tf.zeros([len(channels)], tf.float64)
+        mean = m2 = tf.zeros([sum(channels)], tf.float64)
+        used = tf.constant(0, tf.int32)
+        for _ in tf.range(num_batches):
+            optional = iterator.get_next_as_optional()
+            if not optional.has_value():
+                break
+            per_replica = strategy.run(batch_totals, args=(optional.get_value(),))
             # After the fused all-reduce, every replica holds the same values.
-            return strategy.experimental_local_results(per_replica)[0]
+            batch = strategy.experimental_local_results(per_replica)[0]
+            counts, mean, m2 = _chan_merge((counts, mean, m2), batch, layer_of_channel)
+            used += 1
+        per_channel = tf.gather(counts, layer_of_channel)
+        return used, counts, mean, tf.math.divide_no_nan(m2, per_channel)
 
-        functions[key] = batch_moments
-    return functions[key]
+    functions[key] = calibration_pass
+    return calibration_pass
 
 
-def _chan_merge(a, b):
-    """Merges (count, mean, variance) of two sets exactly and stably (Chan et al.)."""
-    if a is None or a[0] == 0:
-        return b
-    if b[0] == 0:
-        return a
-    (na, ma, va), (nb, mb, vb) = a, b
-    n = na + nb
-    delta = mb - ma
-    mean = ma + delta * (nb / n)
-    m2 = va * na + vb * nb + delta**2 * (na * nb / n)
-    return n, mean, m2 / n
+def _chan_merge(totals, batch, layer_of_channel):
+    """Merges a batch's (counts, mean, variance) into running (counts, mean, M2).
+
+    Chan et al.'s pairwise update, exact and stable: M2 is the sum of squared
+    deviations from the mean. Counts are per layer, the rest per channel;
+    empty sets (count 0) change nothing.
+    """
+    counts, mean, m2 = totals
+    batch_counts, batch_mean, batch_variance = batch
+    new_counts = counts + batch_counts
+    na, nb, n = (
+        tf.gather(c, layer_of_channel) for c in (counts, batch_counts, new_counts)
+    )
+    delta = batch_mean - mean
+    mean = mean + delta * tf.math.divide_no_nan(nb, n)
+    m2 = m2 + batch_variance * nb + tf.square(delta) * tf.math.divide_no_nan(na * nb, n)
+    return new_counts, mean, m2

@@ -1,0 +1,94 @@
+"""The training run of the binary: steps per loop, dtype policies."""
+
+import keras
+import pytest
+
+from tfloop import runner
+from tfloop.config import TrainConfig
+
+TINY = TrainConfig(
+    model="resnet_v1_small",
+    image_size=32,
+    batch_size=16,
+    train_examples=128,
+    val_examples=32,
+    steps_per_epoch=5,
+    epochs=2,
+    log_every=2,
+    bn_recalibrate_batches=2,
+    steps_per_loop=1,
+)
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "steps_per_loop", "log_every", "save_every"),
+    [
+        (1, 10, 1, 3, 0),
+        (1, 10, 4, 3, 0),
+        (6, 13, 100, 4, 0),
+        (3, 3, 8, 50, 0),
+        (1, 128, 16, 50, 0),
+        (1, 40, 16, 50, 7),
+    ],
+)
+def test_loops_cover_every_step_once_and_end_at_log_and_save_points(
+    first, last, steps_per_loop, log_every, save_every
+):
+    loops = runner._loops(
+        first, last, steps_per_loop=steps_per_loop, boundaries=(log_every, save_every)
+    )
+    steps = [step for a, b in loops for step in range(a, b + 1)]
+    assert steps == list(range(first, last + 1))
+    assert all(1 <= b - a + 1 <= steps_per_loop for a, b in loops)
+    ends = {b for _, b in loops}
+    # Every log (and checkpoint) point ends a loop, and a loop ends only at
+    # such a point, at the last step, or when it is full.
+    points = {s for s in steps if s % log_every == 0}
+    if save_every:
+        points |= {s for s in steps if s % save_every == 0}
+    assert points <= ends
+    for a, b in loops:
+        assert b in points or b == last or b - a + 1 == steps_per_loop
+
+
+def _fixed_lines(capsys, config):
+    capsys.readouterr()
+    results = runner.train(config)
+    return capsys.readouterr().out.splitlines(), results
+
+
+def test_steps_per_loop_prints_the_same_lines_and_numbers(capsys):
+    one, results_one = _fixed_lines(capsys, TINY)
+    looped, results_looped = _fixed_lines(
+        capsys, TrainConfig(**{**TINY.__dict__, "steps_per_loop": 3})
+    )
+    # Loops of 3 steps (bit-identical to single steps) print every line,
+    # numbers included, exactly as single steps do.
+    assert one == looped
+    assert [line.split(",")[0] for line in one if line.startswith("step ")] == [
+        "step 2",
+        "step 4",
+        "step 6",
+        "step 8",
+        "step 10",
+    ]
+    assert results_one == results_looped
+
+
+def test_mixed_precision_builds_the_model_under_its_policy_only(capsys):
+    config = TrainConfig(
+        **{**TINY.__dict__, "epochs": 1, "mixed_precision": "mixed_bfloat16"}
+    )
+    run = runner._Run(config)
+    try:
+        assert run.model.dtype_policy.name == "mixed_bfloat16"
+        assert keras.mixed_precision.global_policy().name == "float32"
+        mixed = runner._Run(
+            TrainConfig(**{**TINY.__dict__, "mixed_precision": "mixed_float16"})
+        )
+        assert isinstance(
+            mixed.train_step.optimizer, keras.optimizers.LossScaleOptimizer
+        )
+        mixed.close()
+    finally:
+        run.close()
