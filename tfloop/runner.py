@@ -344,7 +344,7 @@ class _Run:
                 nonfinite.check_step(last, metrics, mode=self.config.on_nonfinite)
                 skipped = int(metrics["nonfinite_steps"])
                 if skipped:
-                    self._skipped_steps(last, skipped, metrics)
+                    self._skipped_steps(first, last, skipped, metrics)
                 top1_sum += metrics["top1_sum"]  # A tensor until the epoch ends.
                 applied += last - first + 1 - skipped
                 if last % self.config.log_every == 0:
@@ -390,17 +390,17 @@ class _Run:
             "nonfinite_steps": bad,
         }
 
-    def _skipped_steps(self, step: int, count: int, metrics: dict) -> None:
+    def _skipped_steps(self, first: int, last: int, count: int, metrics: dict) -> None:
         """`--on_nonfinite=skip`: counts the steps, in the log and TensorBoard."""
         self.skipped.assign_add(count)
+        where = f"step {last}" if first == last else f"{count} of steps {first}-{last}"
         logging.warning(
-            "step %d: %d step(s) skipped: non-finite %s (%d skipped so far)",
-            step,
-            count,
+            "%s skipped: non-finite %s (%d skipped so far)",
+            where,
             nonfinite.describe(metrics),
             int(self.skipped.numpy()),
         )
-        tf.summary.scalar("nonfinite_steps", self.skipped, step=step)
+        tf.summary.scalar("nonfinite_steps", self.skipped, step=last)
 
     def save(self) -> None:
         if self.checkpoints is not None:
