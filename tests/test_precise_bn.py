@@ -141,3 +141,14 @@ def test_freeze_is_honoured_by_a_step_built_before_it(train_scale_and_offset):
     bn.unfreeze(model)
     step((x, y))
     assert int(bn.state(model).counts[0].numpy()) == 2
+
+
+def test_staleness_traces_once_per_model():
+    """One report per validation: the pass is traced once, not every time."""
+    from tfloop.bn import staleness as staleness_module
+
+    model = mlp()
+    for seed in range(3):
+        bn.staleness(model, _features(seed=seed))
+    (function,) = staleness_module._FUNCTIONS[model].values()
+    assert function.experimental_get_tracing_count() == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -41,9 +43,7 @@ def staleness(model: keras.Model, batch) -> list[Staleness]:
     Changes no variable. `batch` is `images` or `(images, labels, ...)`.
     """
     targets = _calibration_targets(model)
-    moments = tf.function(lambda images: _calibration_moments(model, targets, images))(
-        _images_of(batch)
-    )
+    moments = _moments_function(model, targets)(_images_of(batch))
     report = []
     for i, (layer, layer_state) in enumerate(targets):
         if i not in moments:
@@ -71,3 +71,19 @@ def staleness(model: keras.Model, batch) -> list[Staleness]:
             )
         )
     return report
+
+
+# Traced passes, per model and layers: a staleness report before every
+# validation must not trace (and warn about retracing) each time.
+_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _moments_function(model: keras.Model, targets) -> Callable:
+    functions = _FUNCTIONS.setdefault(model, {})
+    key = tuple(id(layer) for layer, _ in targets)
+    if key not in functions:
+        model_ref = weakref.ref(model)  # The cache must not keep the model alive.
+        functions[key] = tf.function(
+            lambda images: _calibration_moments(model_ref(), targets, images)
+        )
+    return functions[key]
