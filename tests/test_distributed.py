@@ -454,7 +454,8 @@ def test_reduce_metrics_gives_global_values_in_both_contexts(mirrored):
     }
     expected = {"loss": 0.75, "data_loss": 0.6, "top1": 0.5}
     cross = tfloop.reduce_metrics(per_replica, mirrored)
-    assert {k: float(v) for k, v in cross.items()} == pytest.approx(expected)
+    assert {k: float(cross[k]) for k in expected} == pytest.approx(expected)
+    assert float(cross["correct"]) == 4.0 and float(cross["count"]) == 8.0
     inside = mirrored.run(lambda v: tfloop.reduce_metrics(v), args=(per_replica,))
     for key, value in expected.items():
         assert [float(t) for t in _copies(inside[key])] == pytest.approx([value] * 2)

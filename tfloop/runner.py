@@ -506,8 +506,9 @@ def train(config: TrainConfig) -> list[Validation]:
     """Runs `config`: validation before training and after every epoch."""
     if config.export_dir:
         export.check_dir(config.export_dir)  # Before hours of training.
-    run = _Run(config)
+    run = None
     try:
+        run = _Run(config)  # Reads a first validation batch: input errors too.
         return _train(run)
     except StopIteration:  # The train split yields no batch at all.
         checks.raise_empty_train(config.batch_size)
@@ -522,7 +523,8 @@ def train(config: TrainConfig) -> list[Validation]:
             raise
         raise input_error from None
     finally:
-        run.close()
+        if run is not None:
+            run.close()
 
 
 def _train(run: _Run) -> list[Validation]:
