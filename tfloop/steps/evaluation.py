@@ -5,12 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfloop.steps.batch import (
-    LossFn,
-    _as_tensors,
-    _correct_and_count,
-    _per_example,
-)
+from tfloop.steps.batch import LossFn, _as_tensors, _correct_and_count, _per_example
 from tfloop.steps.metrics import _run_and_reduce
 from tfloop.steps.strategy import _strategy_for
 

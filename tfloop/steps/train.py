@@ -11,12 +11,7 @@ from absl import logging
 
 from tfloop import bn, nonfinite
 from tfloop.bn import audit, averaging, ownership
-from tfloop.steps.batch import (
-    LossFn,
-    _as_tensors,
-    _correct_and_count,
-    _per_example,
-)
+from tfloop.steps.batch import LossFn, _as_tensors, _correct_and_count, _per_example
 from tfloop.steps.metrics import _metrics, _run_and_reduce
 from tfloop.steps.strategy import _strategy_for
 

@@ -8,6 +8,10 @@ elements. Each step object exposes two levels, so it fits any trainer:
 - `step.replica_fn(images, labels)`: the per-replica body, for code that is
   already inside a `tf.function` and replica context (an Orbit trainer, a Keras
   `train_step` override, a multi-step `tf.function` loop).
+
+Modules: `train` (`TrainStep`), `evaluation` (`EvalStep`, `evaluate`),
+`metrics` (`reduce_metrics`: per-replica outputs into metrics), `batch`
+(elements, label layouts, per-example losses), `strategy`.
 """
 
 from tfloop.steps.batch import LossFn

@@ -70,7 +70,12 @@ def _as_tensors(*values):
 def _per_example(
     loss_fn: LossFn, labels, logits, sample_weight: tf.Tensor | None = None
 ) -> tf.Tensor:
-    """`loss_fn`'s per-example losses in float32, times `sample_weight` if given."""
+    """`loss_fn`'s per-example losses in float32, times `sample_weight` if given.
+
+    The label layout is checked first, so that a mismatch is named here
+    rather than deep inside the loss.
+    """
+    _sparse_labels(labels, logits)
     per_example = loss_fn(labels, tf.cast(logits, tf.float32))
     batch = logits.shape[:1]
     if per_example.shape.rank == 0 or not per_example.shape[:1].is_compatible_with(
