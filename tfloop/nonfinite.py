@@ -13,14 +13,14 @@ reports what was non-finite (`nonfinite_loss`, `nonfinite_gradients`,
 
 The optimizer update runs under `tf.cond` in cross-replica context, the way
 Keras' `LossScaleOptimizer` skips its non-finite steps: a `cond` in replica
-context cannot contain the optimizer's `merge_call`. The BN statistics are few,
-so they are simply put back when the step is not finite.
+context cannot contain the optimizer's `merge_call`. The BN statistics update
+takes the flag itself (`tfloop.bn.averaging._apply_updates(finite=...)`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import keras
 import tensorflow as tf
@@ -68,24 +68,6 @@ def step_flags(
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
     flags = dict(zip(KEYS, tf.unstack(local)))
     return flags, tf.equal(tf.reduce_sum(total), 0.0)
-
-
-def update_if(
-    finite: tf.Tensor | None, variables: Sequence, update: Callable[[], None]
-) -> None:
-    """Runs `update` (which assigns `variables`), then undoes it unless `finite`.
-
-    For small variables such as BN statistics and their counters: the old
-    values are kept and put back bit for bit, in replica context. `finite`
-    None: just `update()`.
-    """
-    if finite is None:
-        update()
-        return
-    old = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
-    update()
-    for variable, value in zip(variables, old):
-        variable.assign(tf.where(finite, tf.convert_to_tensor(variable), value))
 
 
 def apply_if(
