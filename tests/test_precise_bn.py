@@ -1,5 +1,7 @@
 """Precise BN (`recalibrate`), `staleness` and `freeze`, checked against numpy."""
 
+import importlib
+
 import keras
 import numpy as np
 import pytest
@@ -145,7 +147,8 @@ def test_freeze_is_honoured_by_a_step_built_before_it(train_scale_and_offset):
 
 def test_staleness_traces_once_per_model():
     """One report per validation: the pass is traced once, not every time."""
-    from tfloop.bn import staleness as staleness_module
+    # `tfloop.bn.staleness` is the function; the module holds the cache.
+    staleness_module = importlib.import_module("tfloop.bn.staleness")
 
     model = mlp()
     for seed in range(3):
