@@ -11,7 +11,6 @@ it yields is covered by every weight matching.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -21,12 +20,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import binary
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import tfloop
 from tfloop import checkpointing
 from tfloop.errors import InputError
 
@@ -47,38 +46,15 @@ FLAGS = [
 # Counters of saves, not of training: a preempted run saves once more.
 _SAVE_COUNTERS = ("save_counter/", "checkpointed_runs/")
 TIMEOUT = 240
-_TFLOOP_ROOT = str(Path(tfloop.__file__).parent.parent)
 
 
 def _start(model_dir: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [_TFLOOP_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
-    out = open(model_dir.parent / f"{model_dir.name}.log", "ab")  # noqa: SIM115
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tfloop.train",
-            *FLAGS,
-            f"--model_dir={model_dir}",
-            *extra,
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
+    argv = [sys.executable, "-m", "tfloop.train", *FLAGS, f"--model_dir={model_dir}"]
+    return binary.start([*argv, *extra], model_dir.parent / f"{model_dir.name}.log")
 
 
 def _finish(process: subprocess.Popen) -> int:
-    try:
-        return process.wait(timeout=TIMEOUT)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    return binary.finish(process, TIMEOUT)
 
 
 def _log(model_dir: Path) -> str:
@@ -86,35 +62,12 @@ def _log(model_dir: Path) -> str:
 
 
 def _wait_for(ready, process: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not ready():
-        assert process.poll() is None, f"run ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT} s"
-        time.sleep(0.02)
-
-
-def _tensors(path: str) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(path)
-    return {
-        name: reader.get_tensor(name)
-        for name in reader.get_variable_to_shape_map()
-        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
-        and "ITERATOR_STATE" not in name
-        and not name.startswith(_SAVE_COUNTERS)
-    }
+    binary.wait_for(ready, [process], what, TIMEOUT)
 
 
 def _assert_identical(path: str, reference: str) -> None:
-    got, expected = _tensors(path), _tensors(reference)
-    assert set(got) == set(expected)
-    assert any(name.startswith("bn/counts/") for name in expected)
+    expected = binary.assert_same_checkpoints(path, reference, skip=_SAVE_COUNTERS)
     assert any("optimizer/_variables" in name for name in expected)  # Slots.
-    differ = [n for n in expected if not np.array_equal(got[n], expected[n])]
-    assert differ == [], differ
-
-
-def _steps(log: str) -> list[int]:
-    return [int(s) for s in re.findall(r"^step (\d+), ", log, re.MULTILINE)]
 
 
 class _Reference:
@@ -153,7 +106,7 @@ def test_preempted_then_killed_run_resumes_bit_identical(reference, tmp_path):
     )
     assert len(saved) == 1, log[-3000:]
     path, step = saved[0][0], int(saved[0][1])
-    assert step == _steps(log)[-1] and path.endswith(f"ckpt-{step}")
+    assert step == binary.steps(log)[-1] and path.endswith(f"ckpt-{step}")
     assert path == tf.train.latest_checkpoint(str(checkpoints))
     # 2. Resume, and SIGKILL at a random moment after a mid-epoch checkpoint.
     before = len(log)
@@ -161,19 +114,21 @@ def test_preempted_then_killed_run_resumes_bit_identical(reference, tmp_path):
     mid_epoch = random.choice([number for number in (2, 4, 6) if number > step])
 
     def latest() -> int:
-        return int(tf.train.latest_checkpoint(str(checkpoints)).rsplit("-", 1)[1])
+        return binary.latest_checkpoint(model_dir)
 
     _wait_for(lambda: latest() >= mid_epoch, process, f"ckpt-{mid_epoch}")
     time.sleep(random.uniform(0.0, 0.3))
     process.send_signal(signal.SIGKILL)
     process.wait()
     log = _log(model_dir)
-    assert _steps(log[before:])[0] == step + 1, log[before:][-3000:]
+    assert binary.steps(log[before:])[0] == step + 1, log[before:][-3000:]
     killed_after = latest()
     # 3. Resume to the end.
     before = len(log)
     assert _finish(_start(model_dir)) == 0, _log(model_dir)
-    assert _steps(_log(model_dir)[before:]) == list(range(killed_after + 1, STEPS + 1))
+    assert binary.steps(_log(model_dir)[before:]) == list(
+        range(killed_after + 1, STEPS + 1)
+    )
     _assert_identical(str(checkpoints / f"ckpt-{STEPS}"), reference.final_checkpoint())
 
 
@@ -255,14 +210,10 @@ _KILLED_SAVE = textwrap.dedent(
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=_TFLOOP_ROOT)
-    result = subprocess.run(
+    result = binary.run_command(
         [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
         check=False,
+        timeout=TIMEOUT,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     directory = str(tmp_path / "checkpoints")

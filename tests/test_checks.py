@@ -9,13 +9,12 @@ real subprocesses, which is where a stray traceback would show.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
+import binary
 import keras
 import numpy as np
 import pytest
@@ -309,13 +308,9 @@ def test_readme_table_lists_every_row():
 
 
 def _subprocess(argv, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "tfloop.train", *TINY, *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
-        check=False,
+    argv = [sys.executable, "-m", "tfloop.train", *TINY, *argv]
+    return binary.run_command(
+        argv, check=False, timeout=120, env=binary.env(**(env or {}))
     )
 
 

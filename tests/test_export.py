@@ -160,12 +160,10 @@ def test_binary_exports_the_model_it_validated_last(tmp_path):
     served_loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
     assert abs(served_loss - float(loss)) <= 0.005 + 1e-4
     # A second run refuses to overwrite the export, before training.
-    again = subprocess.run(
+    again = binary.run_command(
         [sys.executable, "-m", "tfloop.train", f"--export_dir={export_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
         check=False,
+        timeout=300,
     )
     assert again.returncode != 0
     assert repr(str(export_dir)) in again.stderr.strip().splitlines()[-1]

@@ -2,20 +2,19 @@
 
 import dataclasses
 import re
-import subprocess
 import sys
+
+import binary
 
 from tfloop import flag_topics
 from tfloop.config import TrainConfig
 
 
 def test_helpfull_groups_every_flag_under_one_topic():
-    result = subprocess.run(
+    result = binary.run_command(
         [sys.executable, "-m", "tfloop.train", "--helpfull"],
-        capture_output=True,
-        text=True,
-        timeout=120,
         check=False,  # absl exits 1.
+        timeout=120,
     )
     sections = re.split(r"\n(?=\S[^\n]*:\n)", result.stdout)
     by_heading = {}

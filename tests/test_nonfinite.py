@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import binary
 import keras
 import numpy as np
 import pytest
@@ -143,21 +143,8 @@ TINY = [
 
 
 def _run(model_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tfloop.train",
-            *TINY,
-            f"--model_dir={model_dir}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        check=False,
-    )
+    argv = [sys.executable, "-m", "tfloop.train", *TINY, f"--model_dir={model_dir}"]
+    return binary.run_command([*argv, *args], check=False, timeout=300)
 
 
 def _assert_all_checkpoints_finite(model_dir: Path) -> list[int]:

@@ -1,11 +1,9 @@
 """The `tfloop-train` binary, end to end in a subprocess."""
 
-import os
 import re
-import subprocess
 import sys
 
-import pytest
+import binary
 
 TINY = [
     "--model=resnet_v1_small",
@@ -21,18 +19,8 @@ PRECISION = r"precision @ 1 = [01]\.\d{4} val loss = \d+\.\d{2}"
 
 
 def _run(*args, expect_success=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-        [sys.executable, "-m", "tfloop.train", *TINY, *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    if expect_success and result.returncode != 0:
-        pytest.fail(f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
+    argv = [sys.executable, "-m", "tfloop.train", *TINY, *args]
+    return binary.run_command(argv, check=expect_success, timeout=300)
 
 
 def _fixed_lines(stdout):

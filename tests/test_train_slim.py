@@ -1,11 +1,10 @@
 """The `tfloop-train` binary with slim's flags, end to end in subprocesses."""
 
-import os
 import pathlib
 import re
-import subprocess
 import sys
 
+import binary
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,19 +28,9 @@ PRECISION = re.compile(r"^precision @ 1 = [01]\.\d{4} val loss = \d+\.\d{2}$")
 
 
 def _run(module, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
+    return binary.run_command(
+        [sys.executable, "-m", module, *args], timeout=300, cwd=ROOT
     )
-    if result.returncode != 0:
-        pytest.fail(f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def _restore(model, directory):
