@@ -31,7 +31,7 @@ from tfloop.errors import InputError
 
 STEPS = 8
 FLAGS = [
-    "--model=resnet_v1_small",
+    "--model=tiny_bn_cnn",  # The model is not the point: see `tiny_train.py`.
     "--image_size=32",
     "--batch_size=8",
     "--train_examples=64",
@@ -49,7 +49,7 @@ TIMEOUT = 240
 
 
 def _start(model_dir: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "tfloop.train", *FLAGS, f"--model_dir={model_dir}"]
+    argv = [*binary.TINY_TRAIN, *FLAGS, f"--model_dir={model_dir}"]
     return binary.start([*argv, *extra], model_dir.parent / f"{model_dir.name}.log")
 
 
@@ -140,7 +140,7 @@ def test_model_dir_of_another_model_is_refused_untouched(reference):
     lines = [line for line in _log(model_dir).splitlines() if "tfloop-train:" in line]
     assert lines[-1] == (
         f"tfloop-train: `--model_dir`={model_dir} holds a run with "
-        "--model=resnet_v1_small, not --model=inception_v1; use another --model_dir"
+        "--model=tiny_bn_cnn, not --model=inception_v1; use another --model_dir"
     )
     after = {p: p.read_bytes() for p in sorted(model_dir.rglob("*")) if p.is_file()}
     assert after == before

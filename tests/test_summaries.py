@@ -73,7 +73,7 @@ def test_binary_writes_every_curve(tmp_path):
     assert [step for step, _ in values["train/top1"]] == [2, 4, 6, 8]
     assert all(float(v) > 0 for _, v in values["train/images_per_second"])
     # BN health once per validation, over every BN layer of the model.
-    layers = len(tfloop.bn.layers(tfloop.models.get("resnet_v1_small", num_classes=4)))
+    layers = len(tfloop.bn.layers(binary.tiny_bn_cnn(4, image_size=32)))
     for _, buckets in values["bn_health/mean_shift"]:
         assert buckets[:, 2].sum() == layers
     assert len(values["bn_health/worst_log_variance_ratio"]) == 3
