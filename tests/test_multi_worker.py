@@ -8,103 +8,30 @@ two logical devices of the conftest under `MirroredStrategy`.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-import socket
-import subprocess
+import shutil
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+import binary
 import multi_worker_script
 import numpy as np
+import pytest
 import tensorflow as tf
 
-import tfloop
-
-TIMEOUT = 300  # Seconds the workers of a cluster may take; all are killed past it.
 _SCRIPT = Path(multi_worker_script.__file__)
-_TFLOOP_ROOT = str(Path(tfloop.__file__).parent.parent)
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (bound to port 0, then released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class _Worker:
-    """One worker process; its stdout and stderr go to files (pipes can fill)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, name: str):
-        self.stdout, self.stderr = cwd / f"{name}.out", cwd / f"{name}.err"
-        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
-            self.process = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL
-            )
-        self.timed_out = False
-
-
-def _start_workers(
-    args_of_worker: Callable[[int], list[str]], cwd: Path, num_workers: int = 2
-) -> list[_Worker]:
-    """Starts the workers of one cluster; `args_of_worker(i)` is worker i's argv."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(num_workers)]}
-    workers = []
-    for index in range(num_workers):
-        env = dict(os.environ)
-        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        # The tfloop this process imports, wherever it was imported from.
-        env["PYTHONPATH"] = os.pathsep.join(
-            [_TFLOOP_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        )
-        workers.append(_Worker(args_of_worker(index), env, cwd, f"worker{index}"))
-    return workers
-
-
-def _wait(workers: list[_Worker]) -> list[str]:
-    """Waits for every worker (killing all on timeout); returns their stdouts."""
-    deadline = time.monotonic() + TIMEOUT
-    for worker in workers:
-        try:
-            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.timed_out = True
-            worker.process.kill()
-            worker.process.wait()
-    for index, worker in enumerate(workers):
-        stderr = worker.stderr.read_text(errors="replace")
-        traceback = stderr.rfind("Traceback")
-        assert worker.process.returncode == 0, (
-            f"worker {index} "
-            + (f"timed out after {TIMEOUT} s" if worker.timed_out else "failed")
-            + f" (exit {worker.process.returncode}):\n"
-            + stderr[traceback if traceback >= 0 else -3000 :][-6000:]
-        )
-    return [worker.stdout.read_text(errors="replace") for worker in workers]
 
 
 def test_workers_match_one_process_with_two_devices(mirrored, tmp_path):
-    workers = _start_workers(
+    workers = binary.start_workers(
         lambda i: [sys.executable, str(_SCRIPT), str(tmp_path / f"worker{i}.npz")],
         tmp_path,
     )
     try:  # The reference runs here while the workers start.
         reference = multi_worker_script.train(mirrored)
     finally:
-        _wait(workers)
+        binary.wait_workers(workers)
     results = [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)]
     assert all(int(r.pop("num_replicas")) == 2 for r in results)
     assert set(results[0]) == set(results[1]) == set(reference)
@@ -118,124 +45,95 @@ def test_workers_match_one_process_with_two_devices(mirrored, tmp_path):
     assert int(reference["bn_count_0"]) == multi_worker_script.STEPS
 
 
-def test_binary_on_two_workers(tmp_path):
-    """`python -m tfloop.train --strategy=multi_worker` on a 2-worker cluster.
+# The binary's flags on a cluster: mid-epoch checkpoints at steps 2 and 4.
+FLAGS = [
+    "--strategy=multi_worker",
+    "--model=tiny_bn_cnn",  # The model is not the point: see `tiny_train.py`.
+    "--image_size=32",
+    "--batch_size=8",
+    "--train_examples=48",
+    "--val_examples=8",
+    "--steps_per_epoch=6",
+    "--epochs=1",
+    "--log_every=1",
+    "--bn_recalibrate_batches=1",
+    "--checkpoint_every_steps=2",
+    "--deterministic",
+]
+COMMAND = [*binary.TINY_TRAIN, *FLAGS]
+
+
+def _cluster(cwd: Path, model_dirs: list[Path], *extra: str) -> list[binary.Worker]:
+    """The binary on two workers; worker i gets `--model_dir=model_dirs[i]`."""
+    return binary.start_workers(
+        lambda i: [*COMMAND, *extra, f"--model_dir={model_dirs[i]}"], cwd
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[list[str], list[Path]]:
+    """One cluster run of `COMMAND`, never stopped: its stdouts and model dirs.
 
     Each worker gets its own `--model_dir`, so that what the non-chief writes
-    there, if anything, is told apart from what the chief writes.
+    there, if anything, is told apart from what the chief writes. The chief's
+    is the reference of the interrupted runs.
     """
-    flags = [
-        "--strategy=multi_worker",
-        "--model=resnet_v1_small",
-        "--image_size=32",
-        "--batch_size=8",
-        "--epochs=1",
-        "--steps_per_epoch=3",
-        "--train_examples=64",
-        "--bn_recalibrate_batches=2",
-        "--val_examples=64",  # 8 validation batches, not 64: saves ~25 s.
-        "--log_every=1",
-    ]
-    model_dirs = [tmp_path / f"model{i}" for i in range(2)]
-    workers = _start_workers(
-        lambda i: (
-            [sys.executable, "-m", "tfloop.train", *flags]
-            + [f"--model_dir={model_dirs[i]}"]
-        ),
-        tmp_path,
-    )
-    outputs = _wait(workers)
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    model_dirs = [cwd / f"model{i}" for i in range(2)]
+    return binary.wait_workers(_cluster(cwd, model_dirs)), model_dirs
+
+
+def test_binary_on_two_workers(uninterrupted, tmp_path):
+    """The binary with `--strategy=multi_worker` on a 2-worker cluster."""
+    outputs, (chief_dir, other_dir) = uninterrupted
     for output in outputs:
         precision = re.findall(
             r"^precision @ 1 = [0-9.]+ val loss = \S+$", output, re.MULTILINE
         )
         assert len(precision) == 2, output[-3000:]  # Before and after the epoch.
-    chief_dir, other_dir = model_dirs
+        assert binary.steps(output) == [1, 2, 3, 4, 5, 6], output[-3000:]
     checkpoints = sorted(p.name for p in (chief_dir / "checkpoints").iterdir())
-    assert "checkpoint" in checkpoints and "ckpt-3.index" in checkpoints, checkpoints
+    assert "checkpoint" in checkpoints and "ckpt-6.index" in checkpoints, checkpoints
     saved = tf.train.list_variables(str(chief_dir / "checkpoints"))
     assert any(name.startswith("bn/counts/") for name, _ in saved)  # BN state too.
     events = list((chief_dir / "summaries").glob("events.out.tfevents.*"))
     assert any(b"validation/top1" in e.read_bytes() for e in events), events
     written = list(other_dir.rglob("*")) if other_dir.exists() else []
     assert written == [], written
-    # Resume on a shared model dir: every worker restores the chief's
-    # checkpoint and continues with steps 4-6 (a worker that restarted at
-    # step 1 would print "step 1" and train half of each batch from scratch).
-    resumed = _wait(
-        _start_workers(
-            lambda i: (
-                [sys.executable, "-m", "tfloop.train", *flags]
-                + ["--epochs=2", f"--model_dir={chief_dir}"]
-            ),
-            tmp_path,
-        )
-    )
+    # Resume on a shared model dir (a copy of the chief's): every worker
+    # restores the chief's end-of-epoch checkpoint and continues with steps
+    # 7-12 (a worker that restarted at step 1 would print "step 1" and train
+    # half of each batch from scratch).
+    model_dir = tmp_path / "model"
+    shutil.copytree(chief_dir, model_dir)
+    resumed = binary.wait_workers(_cluster(tmp_path, [model_dir] * 2, "--epochs=2"))
     for output in resumed:
-        steps = re.findall(r"^step (\d+), ", output, re.MULTILINE)
-        assert steps == ["4", "5", "6"], output[-3000:]
+        assert binary.steps(output) == list(range(7, 13)), output[-3000:]
 
 
-def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
+def test_two_workers_killed_mid_epoch_resume_bit_identical(uninterrupted, tmp_path):
     """Kill both workers after a mid-epoch checkpoint, restart both: as if never stopped.
 
-    The reference is a cluster running the same command uninterrupted.
+    The reference is the uninterrupted cluster's chief.
     """
-    flags = [
-        "--strategy=multi_worker",
-        "--model=resnet_v1_small",
-        "--image_size=32",
-        "--batch_size=8",
-        "--train_examples=48",
-        "--val_examples=8",
-        "--steps_per_epoch=6",
-        "--epochs=1",
-        "--log_every=1",
-        "--bn_recalibrate_batches=1",
-        "--checkpoint_every_steps=2",
-        "--deterministic",
-    ]
-
-    def cluster(model_dir: Path, name: str) -> list[_Worker]:
-        cwd = tmp_path / name
-        cwd.mkdir(exist_ok=True)
-        command = [sys.executable, "-m", "tfloop.train", *flags]
-        return _start_workers(lambda i: [*command, f"--model_dir={model_dir}"], cwd)
-
-    reference_dir, model_dir = tmp_path / "reference", tmp_path / "model"
-    _wait(cluster(reference_dir, "reference"))
-    killed = cluster(model_dir, "killed")
+    model_dir = tmp_path / "model"
+    killed = _cluster(tmp_path / "killed", [model_dir] * 2)
     mid_epoch = random.choice([2, 4])
-
-    def latest() -> int:
-        path = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
-        return 0 if path is None else int(path.rsplit("-", 1)[1])
-
-    deadline = time.monotonic() + TIMEOUT
-    while latest() < mid_epoch and time.monotonic() < deadline:
-        assert all(w.process.poll() is None for w in killed), "a worker ended"
-        time.sleep(0.02)
+    binary.wait_for(
+        lambda: binary.latest_checkpoint(model_dir) >= mid_epoch,
+        [w.process for w in killed],
+        f"ckpt-{mid_epoch}",
+        binary.CLUSTER_TIMEOUT,
+    )
     for worker in killed:
         worker.process.kill()
         worker.process.wait()
-    resumed_from = latest()
-    assert resumed_from >= mid_epoch, f"no ckpt-{mid_epoch} after {TIMEOUT} s"
-    outputs = _wait(cluster(model_dir, "resumed"))
+    resumed_from = binary.latest_checkpoint(model_dir)
+    outputs = binary.wait_workers(_cluster(tmp_path / "resumed", [model_dir] * 2))
     for output in outputs:  # Every worker resumed where the checkpoint left off.
-        steps = [int(s) for s in re.findall(r"^step (\d+), ", output, re.MULTILINE)]
-        assert steps == list(range(resumed_from + 1, 7)), output[-3000:]
-    got = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-6"))
-    expected = tf.train.load_checkpoint(str(reference_dir / "checkpoints" / "ckpt-6"))
-    names = [
-        name
-        for name in expected.get_variable_to_shape_map()
-        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
-        and "ITERATOR_STATE" not in name  # Its bytes hold timing-dependent buffers.
-    ]
-    assert any(name.startswith("bn/counts/") for name in names)
-    differ = [
-        name
-        for name in names
-        if not np.array_equal(got.get_tensor(name), expected.get_tensor(name))
-    ]
-    assert differ == [], differ
+        assert binary.steps(output) == list(range(resumed_from + 1, 7)), output[-3000:]
+    _, (reference_dir, _) = uninterrupted
+    binary.assert_same_checkpoints(
+        str(model_dir / "checkpoints" / "ckpt-6"),
+        str(reference_dir / "checkpoints" / "ckpt-6"),
+    )
