@@ -1,8 +1,10 @@
 """The training run of the binary: steps per loop, dtype policies."""
 
 import keras
+import numpy as np
 import pytest
 
+import tfloop
 from tfloop import runner
 from tfloop.config import TrainConfig
 
@@ -92,3 +94,48 @@ def test_mixed_precision_builds_the_model_under_its_policy_only(capsys):
         mixed.close()
     finally:
         run.close()
+
+
+def _keras_loss_and_top1(model, batches):
+    """Mean cross-entropy and top-1 over `batches`, with Keras and numpy alone."""
+    losses, hits = [], []
+    for images, labels in batches:
+        logits = model(images, training=False)
+        losses.append(
+            keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            ).numpy()
+        )
+        hits.append(np.argmax(logits.numpy(), -1) == labels.numpy())
+    return np.concatenate(losses).mean(), np.concatenate(hits).mean()
+
+
+def test_stale_check_uses_the_first_batches_and_validation_all(capsys):
+    # 4 validation batches of 16; the moving averages are checked on 1.
+    config = TrainConfig(
+        **{**TINY.__dict__, "val_examples": 64, "bn_stale_check_batches": 1}
+    )
+    run = runner._Run(config)
+    try:
+        run.train_epoch(1)
+        last = tfloop.bn.layers(run.model)[-1]  # Made surely stale:
+        last.moving_mean.assign(last.moving_mean + 3.0)
+        last.moving_variance.assign(last.moving_variance * 0.01)
+        batches = list(run.val_data)
+        assert len(batches) == 4
+        moving = _keras_loss_and_top1(run.model, batches[:1])
+        capsys.readouterr()
+        result = run.validate(epoch=0)
+        out = capsys.readouterr().out
+        recalibrated_head = _keras_loss_and_top1(run.model, batches[:1])
+        recalibrated = _keras_loss_and_top1(run.model, batches)
+    finally:
+        run.close()
+    np.testing.assert_allclose(
+        (result.moving_loss, result.moving_top1), moving, rtol=1e-5
+    )
+    np.testing.assert_allclose((result.loss, result.top1), recalibrated, rtol=1e-5)
+    assert (
+        f"BN statistics were stale: val loss {moving[0]:.2f} with moving averages, "
+        f"{recalibrated_head[0]:.2f} after recalibration"
+    ) in out

@@ -60,6 +60,7 @@ class Validation:
     step: int
     loss: float
     top1: float
+    # With the moving averages, on the first `bn_stale_check_batches` batches.
     moving_loss: float
     moving_top1: float
     train_top1: float  # Mean training accuracy of the epoch (nan before training).
@@ -251,18 +252,28 @@ class _Run:
         return int(iterations + self.skipped.numpy())
 
     def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
-        """Validation numbers you can trust: recalibrated BN, staleness reported."""
-        moving = steps.evaluate(self.eval_step, self.val_data)
+        """Validation numbers you can trust: recalibrated BN, staleness reported.
+
+        The moving averages are evaluated on the first
+        `--bn_stale_check_batches` validation batches only (all if 0): they
+        serve the `stale` line, which compares them with the recalibrated
+        statistics on the same batches.
+        """
+        batches = self.config.bn_recalibrate_batches
+        recalibrate = batches and not self.config.stock_bn and bn.layers(self.model)
+        check = (self.config.bn_stale_check_batches or None) if recalibrate else None
+        moving = steps.evaluate(self.eval_step, self.val_data, num_batches=check)
         if self.config.model_dir and self.chief and bn.layers(self.model):
             with self.writer.as_default(step=self.global_step):
                 summaries.bn_health(bn.staleness(self.model, self.health_batch))
         result = moving
-        batches = self.config.bn_recalibrate_batches
-        if batches and not self.config.stock_bn and bn.layers(self.model):
+        if recalibrate:
             self._recalibrate(batches)
-            result = steps.evaluate(self.eval_step, self.val_data)
+            head, result = steps.evaluation._evaluate_head_and_whole(
+                self.eval_step, self.val_data, head_batches=check
+            )
             _check_finite_validation(self.model, result["loss"], self.global_step)
-            stale = progress.stale_line(moving["loss"], result["loss"])
+            stale = progress.stale_line(moving["loss"], head["loss"])
             if stale:
                 _say(stale)
         _check_finite_validation(self.model, result["loss"], self.global_step)
@@ -282,7 +293,11 @@ class _Run:
     def _recalibrate(self, batches: int) -> None:
         start = time.perf_counter()
         used = bn.recalibrate(
-            self.model, self.calib_data, num_batches=batches, strategy=self.strategy
+            self.model,
+            self.calib_data,
+            num_batches=batches,
+            strategy=self.strategy,
+            tolerance=self.config.bn_recalibrate_tolerance,
         )
         logging.info(
             "recalibrated BN on %d batches in %.1f s", used, time.perf_counter() - start
