@@ -11,9 +11,10 @@ the main command `--flagfile=flags/seed_inception_v1.flags` (Inception v1,
 
 The validation phase runs twice per epoch, in rotating order, from the same
 BN statistics (restored in between): once as the flags say (`flags`) and
-once with the settings of the landed main before the early stop
-(`--bn_recalibrate_tolerance=0 --bn_stale_check_batches=0`: 50 calibration
-batches, moving averages on the whole validation set), so both see the
+once as landed main ran it (`before`: `--bn_recalibrate_tolerance=0
+--bn_stale_check_batches=0`, i.e. all 50 calibration batches and the moving
+averages on the whole validation set, from datasets decoded and
+preprocessed at every pass rather than kept in memory), so both see the
 same machine load and the same model; their recalibrated top-1 must agree
 within 0.005. It also reports the process's resident memory after every
 epoch, which must not grow from epoch to epoch, and at the end the pieces
@@ -38,8 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 
 import tfloop
+from tfloop import data, distribute, runner
 from tfloop import flags as tfloop_flags
-from tfloop import runner
 
 flags.DEFINE_bool("tiny", False, "A tiny run (resnet_v1_small, 2 steps an epoch).")
 
@@ -80,23 +81,45 @@ def _bn_statistics(model) -> list:
     ] + list(state.counts)
 
 
-def _phases(run: runner._Run, epoch: int, top1: float) -> dict[str, tuple]:
+def _streamed(config) -> tuple:
+    """Validation and calibration data as landed main read them: every pass."""
+    load = {
+        "data_dir": config.data_dir,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+    val_data, _ = data.load(
+        config.dataset, split="validation", num_examples=config.val_examples, **load
+    )
+    calib_data, _ = data.load(
+        config.dataset,
+        split="train",
+        num_examples=config.train_examples,
+        augment=False,
+        **load,
+    )
+    return val_data, calib_data
+
+
+def _phases(run: runner._Run, epoch: int, top1: float, streamed) -> dict:
     """Both validation phases from the same statistics: (seconds, Validation)."""
     variables = _bn_statistics(run.model)
     saved = [v.numpy() for v in variables]
-    configs = {"flags": run.config, "before": dataclasses.replace(run.config, **BEFORE)}
-    names = list(configs)[epoch % 2 :] + list(configs)[: epoch % 2]
+    variants = {
+        "flags": (run.config, run.val_data, run.calib_data),
+        "before": (dataclasses.replace(run.config, **BEFORE), *streamed),
+    }
+    names = list(variants)[epoch % 2 :] + list(variants)[: epoch % 2]
     results = {}
-    for name in names:
+    for name in names + (["flags"] if names[-1] != "flags" else []):
         for variable, value in zip(variables, saved):
             variable.assign(value)
-        run.config = configs[name]
-        results[name] = _timed(run.validate, epoch, top1)[::-1]
-    run.config = configs["flags"]  # It ends on the flags' statistics:
-    if names[-1] != "flags":
-        for variable, value in zip(variables, saved):
-            variable.assign(value)
-        run.validate(epoch, top1)
+        run.config, run.val_data, run.calib_data = variants[name]
+        if name not in results:  # The last run only leaves the flags' state.
+            results[name] = _timed(run.validate, epoch, top1)[::-1]
+        else:
+            run.validate(epoch, top1)
     return results
 
 
@@ -107,12 +130,13 @@ def main(argv: list[str]) -> None:
             flags.FLAGS[name].value = value
     config = tfloop_flags.config_from_flags()
     run = runner._Run(config)
+    streamed = tuple(distribute.distribute(run.strategy, d) for d in _streamed(config))
     try:
         _, first_validation = _timed(run.validate, epoch=0)
         rows = []
         for epoch in range(1, config.epochs + 1):
             top1, train = _timed(run.train_epoch, epoch)
-            phases = _phases(run, epoch, top1)
+            phases = _phases(run, epoch, top1, streamed)
             rows.append((epoch, train, phases, _rss_mb()))
         pieces = _pieces(run)
     finally:

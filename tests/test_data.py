@@ -367,3 +367,55 @@ def test_cached_pipeline_yields_the_same_batches_every_epoch():
         for (a, la), (b, lb) in zip(plain, cached, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{epoch}")
             np.testing.assert_array_equal(la.numpy(), lb.numpy())
+
+
+def _counted_batches(reads, *, known_size=True):
+    """4 batches of 2 (images [2, 3] float32, labels); `reads` counts source reads."""
+
+    def read(i):
+        reads.append(int(i))
+        return np.full([3], i, np.float32)
+
+    source = tf.data.Dataset.range(8)
+    if not known_size:
+        source = source.filter(lambda i: True)  # Unknown cardinality.
+    images = source.map(
+        lambda i: tf.ensure_shape(tf.numpy_function(read, [i], tf.float32), [3])
+    )
+    return tf.data.Dataset.zip(images, source).batch(2)
+
+
+def test_in_memory_reads_the_source_once_partial_passes_included():
+    reads = []
+    dataset = data.in_memory(_counted_batches(reads), batch_size=2)
+    assert sorted(reads) == list(range(8))  # The one pass, now.
+    first = [x.numpy().tolist() for x, _ in dataset.take(1)]  # A partial pass...
+    whole = [x.numpy().tolist() for x, _ in dataset]
+    assert first == whole[:1] and len(whole) == 4
+    assert whole[3] == [[6.0] * 3, [7.0] * 3]
+    assert sorted(reads) == list(range(8))  # ...and a full one: no new reads.
+
+
+@pytest.mark.parametrize(
+    ("known_size", "max_batches", "max_bytes", "cached", "batches"),
+    [
+        (True, None, 4 * 2 * (3 * 4 + 8), True, 4),  # Exactly the budget.
+        (True, None, 4 * 2 * (3 * 4 + 8) - 1, False, 4),
+        (False, None, 10**9, False, 4),  # Size unknown: streamed.
+        (False, 3, 3 * 2 * (3 * 4 + 8), True, 3),  # Bounded by `max_batches`.
+    ],
+)
+def test_in_memory_keeps_only_what_is_known_to_fit(
+    known_size, max_batches, max_bytes, cached, batches
+):
+    reads = []
+    dataset = data.in_memory(
+        _counted_batches(reads, known_size=known_size),
+        batch_size=2,
+        max_batches=max_batches,
+        max_bytes=max_bytes,
+    )
+    for _ in range(2):
+        assert sum(1 for _ in dataset) == batches
+    # Kept: read once, when built; else: once per pass.
+    assert len(reads) == (1 if cached else 2) * batches * 2

@@ -507,3 +507,50 @@ def _check_same_classes(data_dir: str, split: str, class_names: list[str]) -> No
             f"classes of `{os.path.join(data_dir, split)}` differ from those of "
             f"`{train_dir}`: {diff}"
         )
+
+
+# Validation and recalibration data kept in memory up to this size (the main
+# command's are 6 and 20 MB; ImageNet's validation split at 224 px is not).
+IN_MEMORY_BYTES = 512 * 2**20
+
+
+def in_memory(
+    dataset: tf.data.Dataset,
+    *,
+    batch_size: int,
+    max_batches: int | None = None,
+    max_bytes: int = IN_MEMORY_BYTES,
+) -> tf.data.Dataset:
+    """The batches of an evaluation-treatment dataset, read once and kept.
+
+    Validation and recalibration read the same batches in the same order at
+    every validation: decoding and preprocessing them again each time took
+    a third of a validation phase in the main command
+    (`benchmarks/README.md`). The cache is filled now, by one full pass, so
+    that later partial passes (recalibration's early stop, the stale check
+    on the first batches) read from it too: `tf.data` keeps an in-memory
+    cache only once a pass has reached the end.
+
+    Returns `dataset` as it is when its size is not known to be at most
+    `max_bytes`: from its cardinality, or `max_batches` when it is unknown
+    (the dataset is cut to `max_batches` batches either way).
+    """
+    if max_batches is not None:
+        dataset = dataset.take(max_batches)
+    batches = int(dataset.cardinality())
+    if batches < 0:
+        if max_batches is None:
+            return dataset
+        batches = max_batches
+    sizes = [
+        (spec.shape[1:].num_elements(), spec.dtype.size)
+        for spec in tf.nest.flatten(dataset.element_spec)
+    ]
+    if any(n is None for n, _ in sizes):  # Images of varying shapes.
+        return dataset
+    if batches * batch_size * sum(n * size for n, size in sizes) > max_bytes:
+        return dataset
+    cached = dataset.cache()
+    for _ in cached:
+        pass
+    return cached

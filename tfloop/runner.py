@@ -131,6 +131,14 @@ class _Run:
         # step: `tf.train.Checkpoint` saves its position (it cannot save the
         # iterator of a distributed dataset).
         self.train_iterator = iter(train_data.repeat())
+        # Read at every validation: decoded and preprocessed once, if small.
+        val_data = data.in_memory(val_data, batch_size=config.batch_size)
+        if config.bn_recalibrate_batches:
+            calib_data = data.in_memory(
+                calib_data,
+                batch_size=config.batch_size,
+                max_batches=config.bn_recalibrate_batches,
+            )
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
         # One validation batch on which BN health (staleness) is measured.
