@@ -22,6 +22,7 @@ from pathlib import Path
 import multi_worker_script
 import numpy as np
 import tensorflow as tf
+from test_data import _write_slim_tfrecord
 
 import tfloop
 
@@ -239,3 +240,41 @@ def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
         if not np.array_equal(got.get_tensor(name), expected.get_tensor(name))
     ]
     assert differ == [], differ
+
+
+def _id_records(data_dir: Path, files: int, per_file: int) -> list[list[int]]:
+    """Train TFRecords whose labels are example ids; returns each file's ids."""
+    data_dir.mkdir()
+    ids = np.arange(files * per_file).reshape(files, per_file).tolist()
+    image = np.zeros((8, 8, 3), np.uint8)
+    for index, own in enumerate(ids):
+        name = f"train-{index:05d}-of-{files:05d}"
+        _write_slim_tfrecord(data_dir / name, [(image, i) for i in own])
+    _write_slim_tfrecord(data_dir / "validation-00000-of-00001", [(image, 0)] * 4)
+    classes = files * per_file
+    (data_dir / "labels.txt").write_text("".join(f"{i}:c{i}\n" for i in range(classes)))
+    return ids
+
+
+def test_workers_read_their_own_files_and_an_epoch_sees_each_example_once(tmp_path):
+    """4 TFRecord files on 2 workers: worker i reads files i and i + 2 only."""
+    file_ids = _id_records(tmp_path / "data", files=4, per_file=6)
+    workers = _start_workers(
+        lambda i: [
+            sys.executable,
+            str(_SCRIPT),
+            str(tmp_path / f"worker{i}.npz"),
+            "epoch_ids",
+            str(tmp_path / "data"),
+        ],
+        tmp_path,
+    )
+    _wait(workers)
+    seen = []
+    for index in range(2):
+        result = np.load(tmp_path / f"worker{index}.npz")
+        assert result["shard"].tolist() == [index, 2]
+        own = set(file_ids[index] + file_ids[index + 2])
+        assert set(result["ids"].tolist()) == own  # Its files, all of them.
+        seen += result["ids"].tolist()
+    assert sorted(seen) == list(range(24))  # Every example once in the epoch.
