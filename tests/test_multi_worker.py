@@ -278,3 +278,49 @@ def test_workers_read_their_own_files_and_an_epoch_sees_each_example_once(tmp_pa
         assert set(result["ids"].tolist()) == own  # Its files, all of them.
         seen += result["ids"].tolist()
     assert sorted(seen) == list(range(24))  # Every example once in the epoch.
+
+
+def _stock_keras_steps() -> dict[str, np.ndarray]:
+    """`multi_worker_script`'s steps on one device, in plain Keras and TF.
+
+    Each step normalizes with, and moves the BN statistics towards, the
+    moments of the whole global batch (stock Keras BN, momentum 0.99).
+    """
+    model = multi_worker_script.build_model()
+    optimizer = tf.keras.optimizers.SGD(0.1)
+    for images, labels in multi_worker_script.global_batches():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(
+                multi_worker_script.LOSS(labels, model(images, training=True))
+            )
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(gradients, model.trainable_variables)
+    return {variable.path: variable.numpy() for variable in model.weights}
+
+
+def test_worker_local_batches_update_as_one_device_on_the_global_batch(tmp_path):
+    """Each worker feeds only its own (different) half: the global-batch update."""
+    workers = _start_workers(
+        lambda i: [
+            sys.executable,
+            str(_SCRIPT),
+            str(tmp_path / f"worker{i}.npz"),
+            "worker_batches",
+        ],
+        tmp_path,
+    )
+    try:  # The reference runs here while the workers start.
+        expected = _stock_keras_steps()
+        one_device = multi_worker_script.train(
+            tf.distribute.get_strategy(), **multi_worker_script.WORKER_BATCH_STEP
+        )
+    finally:
+        _wait(workers)
+    results = [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)]
+    assert all(int(r.pop("num_replicas")) == 2 for r in results)
+    for name, value in expected.items():
+        for got in (*results, one_device):
+            np.testing.assert_allclose(
+                got[name], value, rtol=1e-5, atol=1e-5, err_msg=name
+            )
+    assert any("moving_variance" in name for name in expected)
