@@ -21,6 +21,7 @@ from pathlib import Path
 
 import multi_worker_script
 import numpy as np
+import pytest
 import tensorflow as tf
 from test_data import _write_slim_tfrecord
 
@@ -177,12 +178,20 @@ def test_binary_on_two_workers(tmp_path):
         assert steps == ["4", "5", "6"], output[-3000:]
 
 
-def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
+@pytest.mark.parametrize("files", [0, 4])
+def test_two_workers_killed_mid_epoch_resume_bit_identical(files, tmp_path):
     """Kill both workers after a mid-epoch checkpoint, restart both: as if never stopped.
 
-    The reference is a cluster running the same command uninterrupted.
+    The reference is a cluster running the same command uninterrupted. With
+    4 TFRecord files each worker reads its own two, and resumes from its own
+    input position (a worker given another's would train on other examples).
     """
+    data_flags = []
+    if files:
+        _id_records(tmp_path / "data", files=files, per_file=12)
+        data_flags = ["--dataset=tfrecord", f"--data_dir={tmp_path / 'data'}"]
     flags = [
+        *data_flags,
         "--strategy=multi_worker",
         "--model=resnet_v1_small",
         "--image_size=32",
@@ -234,6 +243,10 @@ def test_two_workers_killed_mid_epoch_resume_bit_identical(tmp_path):
         and "ITERATOR_STATE" not in name  # Its bytes hold timing-dependent buffers.
     ]
     assert any(name.startswith("bn/counts/") for name in names)
+    if files:  # Each worker's own position, beside the shared checkpoint.
+        for index in range(2):
+            own = model_dir / "checkpoints" / f"worker-{index}-of-2" / "ckpt-6.index"
+            assert own.exists(), own
     differ = [
         name
         for name in names
