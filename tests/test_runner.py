@@ -110,7 +110,10 @@ def _worker(index: int, count: int):
 
 @pytest.mark.parametrize(
     ("files", "why"),
-    [(0, "it is generated, not read from files"), (1, "its 1 files are fewer")],
+    [
+        (0, "it is generated, not read from files"),
+        (1, "1 file(s) for 2 workers (file sharding needs one each)"),
+    ],
 )
 def test_too_few_files_are_not_sharded_and_one_line_says_why(
     files, why, tmp_path, caplog

@@ -493,7 +493,9 @@ def _scopes(value: str | None) -> list[str]:
     return [scope.strip() for scope in (value or "").split(",") if scope.strip()]
 
 
-def _file_shard(config: TrainConfig, strategy: tf.distribute.Strategy):
+def _file_shard(
+    config: TrainConfig, strategy: tf.distribute.Strategy
+) -> tuple[int, int] | None:
     """`(index, count)` of this worker if it reads only its own training files, or None.
 
     With many workers, every worker reading every global batch (and keeping
@@ -509,7 +511,7 @@ def _file_shard(config: TrainConfig, strategy: tf.distribute.Strategy):
     if len(files) >= count:
         return index, count
     why = (
-        f"its {len(files)} files are fewer than the {count} workers"
+        f"{len(files)} file(s) for {count} workers (file sharding needs one each)"
         if files
         else "it is generated, not read from files"
     )
