@@ -269,9 +269,12 @@ def _id_records(data_dir: Path, files: int, per_file: int) -> list[list[int]]:
     return ids
 
 
-def test_workers_read_their_own_files_and_an_epoch_sees_each_example_once(tmp_path):
-    """4 TFRecord files on 2 workers: worker i reads files i and i + 2 only."""
-    file_ids = _id_records(tmp_path / "data", files=4, per_file=6)
+def _epoch_ids(tmp_path: Path, files: int) -> tuple[list[list[int]], list[list[int]]]:
+    """`files` TFRecord files of 6 examples on 2 workers, batch 4: one epoch.
+
+    Returns the ids in each file and the ids each worker read, in order.
+    """
+    file_ids = _id_records(tmp_path / "data", files=files, per_file=6)
     workers = _start_workers(
         lambda i: [
             sys.executable,
@@ -283,14 +286,31 @@ def test_workers_read_their_own_files_and_an_epoch_sees_each_example_once(tmp_pa
         tmp_path,
     )
     _wait(workers)
-    seen = []
+    read = []
     for index in range(2):
         result = np.load(tmp_path / f"worker{index}.npz")
         assert result["shard"].tolist() == [index, 2]
-        own = set(file_ids[index] + file_ids[index + 2])
-        assert set(result["ids"].tolist()) == own  # Its files, all of them.
-        seen += result["ids"].tolist()
-    assert sorted(seen) == list(range(24))  # Every example once in the epoch.
+        read.append(result["ids"].tolist())
+    return file_ids, read
+
+
+def test_workers_read_their_own_files_and_an_epoch_sees_each_example_once(tmp_path):
+    """4 TFRecord files on 2 workers: worker i reads files i and i + 2 only."""
+    file_ids, read = _epoch_ids(tmp_path, files=4)
+    for index, ids in enumerate(read):
+        assert set(ids) == set(file_ids[index] + file_ids[index + 2])  # All its own.
+    assert sorted(read[0] + read[1]) == list(range(24))  # Every example once.
+
+
+def test_uneven_files_take_the_same_steps_and_the_smaller_share_repeats(tmp_path):
+    """3 files on 2 workers: 12 and 6 examples; an epoch is 18 // 4 = 4 steps each.
+
+    Worker 1 reads its 6 examples, then 2 of its next pass; no worker waits.
+    """
+    file_ids, read = _epoch_ids(tmp_path, files=3)
+    assert [len(ids) for ids in read] == [8, 8]  # 4 steps of 2 examples.
+    assert len(set(read[0])) == 8 and set(read[0]) <= set(file_ids[0] + file_ids[2])
+    assert set(read[1][:6]) == set(file_ids[1]) and set(read[1][6:]) <= set(file_ids[1])
 
 
 def _stock_keras_steps() -> dict[str, np.ndarray]:
