@@ -254,6 +254,42 @@ def test_load_folder_checks_splits_have_the_same_classes(tmp_path):
         data.load("folder", split="validation", **kwargs)
 
 
+def test_folder_shards_are_disjoint_files_that_cover_the_split(tmp_path):
+    """Worker i of n reads files i, i + n, ... of `data.files`, whole."""
+    for index in range(7):  # Each image its own size, to tell them apart.
+        os.makedirs(tmp_path / "train" / f"c{index % 2}", exist_ok=True)
+        image = np.zeros((index + 1, 3, 3), np.uint8)
+        Image.fromarray(image).save(
+            tmp_path / "train" / f"c{index % 2}" / f"{index}.png"
+        )
+    files = data.files("folder", data_dir=str(tmp_path), split="train")
+    assert len(files) == 7
+    seen = []
+    for index in range(3):
+        shard = (index, 3)
+        dataset, _ = data.image_folder(str(tmp_path), "train", shard=shard)
+        heights = [image.shape[0] for image, _ in _examples(dataset)]
+        # The files of the shard, in their order.
+        assert [os.path.basename(f) for f in files[index::3]] == [
+            f"{h - 1}.png" for h in heights
+        ]
+        assert data.count_examples(
+            "folder", data_dir=str(tmp_path), split="train", shard=shard
+        ) == len(heights)
+        seen += heights
+    assert sorted(seen) == list(range(1, 8))
+    with pytest.raises(ValueError, match=r"`shard` needs files"):
+        data.load(
+            "shapes",
+            split="train",
+            data_dir=None,
+            image_size=8,
+            batch_size=2,
+            seed=0,
+            shard=(0, 2),
+        )
+
+
 # --------------------------------------------------------------------------
 # TFRecords
 

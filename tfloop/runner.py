@@ -89,21 +89,26 @@ class _Run:
         load = {
             "data_dir": config.data_dir,
             "image_size": config.image_size,
-            "batch_size": config.batch_size,
             "seed": config.seed,
         }
         with checks.input_errors():
+            # (index, count) of this worker when it reads only its own files.
+            self.shard = _file_shard(config, self.strategy)
+            workers = self.shard[1] if self.shard else 1
             train_data, classes = data.load(
                 config.dataset,
                 split="train",
                 num_examples=config.train_examples,
                 cache=config.cache,
+                batch_size=config.batch_size // workers,
+                shard=self.shard,
                 **load,
             )
             val_data, _ = data.load(
                 config.dataset,
                 split="validation",
                 num_examples=config.val_examples,
+                batch_size=config.batch_size,
                 **load,
             )
             # Recalibration sees training images as validation sees its own:
@@ -113,23 +118,28 @@ class _Run:
                 split="train",
                 num_examples=config.train_examples,
                 augment=False,
+                batch_size=config.batch_size,
                 **load,
             )
+            if self.shard:
+                train_batches = _sharded_batches(config, self.strategy, self.shard)
         num_classes = checks.check_num_classes(
             config.num_classes, classes, config.dataset
         )
-        train_batches = int(train_data.cardinality())
-        if not config.steps_per_epoch and train_batches < 0:
-            train_batches = _count(train_data)
+        if not self.shard:
+            train_batches = int(train_data.cardinality())
+            if not config.steps_per_epoch and train_batches < 0:
+                train_batches = _count(train_data)
         checks.check_batch(
             config.batch_size,
             num_replicas=self.strategy.num_replicas_in_sync,
             train_batches=train_batches,
         )
         self.steps_per_epoch = config.steps_per_epoch or train_batches
-        # A plain iterator of global batches, split over the replicas per
-        # step: `tf.train.Checkpoint` saves its position (it cannot save the
-        # iterator of a distributed dataset).
+        # A plain iterator of batches, split over the replicas per step:
+        # `tf.train.Checkpoint` saves its position (it cannot save the
+        # iterator of a distributed dataset). Global batches, or with
+        # `self.shard` this worker's share of them from its own files.
         self.train_iterator = iter(train_data.repeat())
         # Read at every validation: decoded and preprocessed once, if small.
         val_data = data.in_memory(val_data, batch_size=config.batch_size)
@@ -176,6 +186,7 @@ class _Run:
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
             jit_compile=config.jit_compile,
+            worker_batches=self.shard is not None,
             # Non-finite steps are never applied (see `tfloop.nonfinite`).
             check_numerics=False,
             on_nonfinite=config.on_nonfinite,
@@ -209,10 +220,13 @@ class _Run:
         items = {
             "model": self.model,
             "optimizer": optimizer,
-            "train_data": self.train_iterator,
             "rng": checkpointing.seed_states(self.model),
             "nonfinite_steps": self.skipped,
         }
+        # Each worker's own position when it reads its own files.
+        worker_items = {"train_data": self.train_iterator} if self.shard else None
+        if not self.shard:
+            items["train_data"] = self.train_iterator
         if not self.config.stock_bn:
             items["bn"] = bn.state(self.model)
         self.checkpoints = checkpointing.Checkpoints(
@@ -226,6 +240,8 @@ class _Run:
             strategy=self.strategy,
             chief=self.chief,
             guarded=self.model.variables + optimizer.variables,
+            worker_items=worker_items,
+            worker=self.shard or (0, 1),
         )
         if self.checkpoints.restored:
             logging.info("Restored %s", self.checkpoints.restored)
@@ -498,6 +514,64 @@ def _dtype_policy(name: str):
 def _scopes(value: str | None) -> list[str]:
     """A comma-separated flag value as a list (slim's scope flags)."""
     return [scope.strip() for scope in (value or "").split(",") if scope.strip()]
+
+
+def _file_shard(
+    config: TrainConfig, strategy: tf.distribute.Strategy
+) -> tuple[int, int] | None:
+    """`(index, count)` of this worker if it reads only its own training files, or None.
+
+    With many workers, every worker reading every global batch (and keeping
+    its replicas' share) reads the whole split per worker. With at least one
+    training file per worker, worker i reads files `i, i + n, ...` of
+    `data.files` instead (file sharding, done on the file list so that the
+    plain iterator stays checkpointable). Otherwise one line says why not.
+    """
+    index, count = distribute.input_worker(strategy)
+    if count == 1:
+        return None
+    files = data.files(config.dataset, data_dir=config.data_dir, split="train")
+    if len(files) >= count:
+        return index, count
+    why = (
+        f"{len(files)} file(s) for {count} workers (file sharding needs one each)"
+        if files
+        else "it is generated, not read from files"
+    )
+    logging.info(
+        "Every worker reads all of `--dataset`=%s's train split and keeps its "
+        "share of each batch: %s",
+        config.dataset,
+        why,
+    )
+    return None
+
+
+def _sharded_batches(
+    config: TrainConfig, strategy: tf.distribute.Strategy, shard: tuple[int, int]
+) -> int:
+    """Steps of an epoch when each worker reads its own files (see `_file_shard`).
+
+    All workers must take the same number of steps (the others would wait
+    for a worker that stopped, forever), though their files may hold
+    different numbers of examples. So an epoch is what it is without file
+    sharding, the global number of examples over the global batch, and each
+    worker's stream repeats: a worker whose files hold fewer examples starts
+    its next pass earlier (its examples are seen slightly more often).
+    Workers count their own examples (without decoding) and exchange the
+    counts; one whose files hold less than its batch is refused.
+    """
+    own = data.count_examples(
+        config.dataset, data_dir=config.data_dir, split="train", shard=shard
+    )
+    examples = distribute.worker_values(strategy, own)
+    checks.check_worker_files(config.batch_size, examples)
+    logging.info(
+        "Each of %d workers reads only its own training files; their examples: %s",
+        len(examples),
+        examples,
+    )
+    return sum(examples) // config.batch_size
 
 
 def _count(dataset: tf.data.Dataset) -> int:

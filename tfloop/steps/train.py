@@ -43,6 +43,7 @@ class TrainStep:
         own_bn: bool = True,
         on_nonfinite: str | None = None,
         jit_compile: bool = False,
+        worker_batches: bool = False,
     ):
         _check_choice("bn_averaging", bn_averaging, averaging.AVERAGING_MODES)
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
@@ -72,6 +73,7 @@ class TrainStep:
         self._sync_bn = sync_bn
         self._bn_audit = bn_audit
         self._gradient_transform = gradient_transform
+        self.worker_batches = worker_batches
         # XLA compiles the per-replica body; the loop of `run` reads its
         # iterator outside it (XLA has no input ops).
         self._replica_body = (
@@ -224,7 +226,14 @@ class TrainStep:
         ]
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        return _metrics(_run_and_reduce(self.strategy, self._replica_body, element))
+        return _metrics(
+            _run_and_reduce(
+                self.strategy,
+                self._replica_body,
+                element,
+                worker_local=self.worker_batches,
+            )
+        )
 
     def _trace_key(self) -> tuple:
         """What a traced step depends on besides its inputs: trainability, freezes.
@@ -382,6 +391,7 @@ def make_train_step(
     own_bn: bool = True,
     on_nonfinite: str | None = None,
     jit_compile: bool = False,
+    worker_batches: bool = False,
 ) -> TrainStep:
     """Builds a train step that owns the batch-norm statistics of `model`.
 
@@ -431,6 +441,13 @@ def make_train_step(
         `tfloop.nonfinite.check_step` stops or counts (`tfloop.nonfinite`).
       jit_compile: compile the per-replica step with XLA (one replica only).
         Off by default: on CPU it does not pay (`benchmarks/README.md`).
+      worker_batches: elements that are not distributed are this worker's
+        own batch (each worker reads its own files, with its share of the
+        global batch), split over this worker's replicas only; by default
+        they are the global batch, which every worker reads and which is
+        split over all replicas. Either way the loss is the mean over the
+        global batch and BN statistics are global-batch ones (one fused
+        all-reduce counts the examples of every replica).
 
     Dataset elements are `(images, labels)` or `(images, labels,
     sample_weight)`; labels may be sparse `(B,)`, `(B, 1)` or one-hot.
@@ -454,4 +471,5 @@ def make_train_step(
         own_bn=own_bn,
         on_nonfinite=on_nonfinite,
         jit_compile=jit_compile,
+        worker_batches=worker_batches,
     )
