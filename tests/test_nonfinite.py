@@ -12,9 +12,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework import ops
 
 import tfloop
-from tfloop import nonfinite
+from tfloop import nonfinite, runner
+from tfloop.config import TrainConfig
 from tfloop.errors import NonFiniteError
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -256,8 +258,6 @@ def test_tally_merges_calls_beyond_its_capacity():
 
 
 def _config(**overrides):
-    from tfloop.config import TrainConfig
-
     tiny = {
         "model": "resnet_v1_small",
         "image_size": 32,
@@ -275,8 +275,6 @@ def _config(**overrides):
 @pytest.fixture
 def host_reads(monkeypatch):
     """Counts the device-to-host reads of eager tensors (`numpy()`, `float()`...)."""
-    from tensorflow.python.framework import ops
-
     reads = []
     read = ops._EagerTensorBase._numpy
 
@@ -290,8 +288,6 @@ def host_reads(monkeypatch):
 
 def _epoch_reads(host_reads, steps: int) -> int:
     """Host reads of the second epoch of `steps` steps with no step line inside."""
-    from tfloop import runner
-
     run = runner._Run(_config(steps_per_epoch=steps, log_every=1000))
     try:
         run.train_epoch(1)  # Traces everything.
@@ -323,8 +319,6 @@ def test_stop_names_the_first_nonfinite_step_between_step_lines(steps_per_loop, 
 
     With 3 steps per loop, step 2 is not the last of its call (1-3).
     """
-    from tfloop import runner
-
     run = runner._Run(_config(steps_per_loop=steps_per_loop))
     try:
         _with_nan_batches(run, [2, 4], steps=10)
@@ -348,8 +342,6 @@ def test_skip_reports_each_call_as_a_check_after_it_would(
     steps_per_loop, where, caplog
 ):
     """Steps 2 and 4 are skipped; both are reported at step 5, as they were per call."""
-    from tfloop import runner
-
     run = runner._Run(_config(on_nonfinite="skip", steps_per_loop=steps_per_loop))
     try:
         _with_nan_batches(run, [2, 4], steps=10)
