@@ -168,6 +168,11 @@ class _Run:
             # Steps skipped as non-finite (`--on_nonfinite=skip`): with
             # `optimizer.iterations` they give the position in the run.
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # Counted on the device; read at step lines, checkpoints, epoch ends.
+            self.nonfinite = nonfinite.Tally(
+                self.skipped,
+                capacity=_calls_between_reads(config, self.steps_per_epoch),
+            )
         models.set_trainable_scopes(self.model, _scopes(config.trainable_scopes))
         self.train_step = optimize_loss(
             self.model,
@@ -355,11 +360,12 @@ class _Run:
         With `--steps_per_loop` > 1 several steps run in one call
         (`TrainStep.run`); a call ends at every `--log_every` and
         `--checkpoint_every_steps` step, so lines and checkpoints fall on the
-        same steps either way.
+        same steps either way. Non-finite steps are read on the host only
+        there and at the end of the epoch (`_check_nonfinite`), not per step.
         """
         start = time.perf_counter()
         top1_sum = 0.0
-        applied = 0
+        skipped_before = int(self.skipped.numpy())
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
         last_step = epoch * self.steps_per_epoch
         if self.config.max_number_of_steps:
@@ -379,14 +385,13 @@ class _Run:
                 boundaries=(self.config.log_every, every),
             ):
                 metrics = self._train_steps(last - first + 1)
-                # Stops (`--on_nonfinite=stop`) naming the call's last step.
-                nonfinite.check_step(last, metrics, mode=self.config.on_nonfinite)
-                skipped = int(metrics["nonfinite_steps"])
-                if skipped:
-                    self._skipped_steps(first, last, skipped, metrics)
+                self.nonfinite.record(first, last, metrics)
                 top1_sum += metrics["top1_sum"]  # A tensor until the epoch ends.
-                applied += last - first + 1 - skipped
-                if last % self.config.log_every == 0:
+                logged = last % self.config.log_every == 0
+                saved = bool(every) and last % every == 0
+                if logged or saved or last == last_step:
+                    self._check_nonfinite()
+                if logged:
                     _say(
                         f"step {last}, loss = {float(metrics['loss']):.2f}, "
                         f"training_acc = {float(metrics['top1']):.4f}"
@@ -407,6 +412,7 @@ class _Run:
                         self.checkpoints.save(last)
         bar.close()
         steps_run = last_step - first_step + 1
+        applied = steps_run - (int(self.skipped.numpy()) - skipped_before)
         seconds = time.perf_counter() - start
         logging.info(
             "epoch %d: %d steps, %.1f s, %.1f images/s",
@@ -421,25 +427,37 @@ class _Run:
         """`count` steps on the next batches: metrics as `TrainStep.run` gives them."""
         if count > 1:
             return self.train_step.run(self.train_iterator, count)
-        metrics = self.train_step(next(self.train_iterator))
-        bad = 1 if nonfinite.describe(metrics) else 0
-        return {
-            **metrics,
-            "top1_sum": 0.0 if bad else metrics["top1"],
-            "nonfinite_steps": bad,
-        }
+        return _as_loop(self.train_step(next(self.train_iterator)))
 
-    def _skipped_steps(self, first: int, last: int, count: int, metrics: dict) -> None:
+    def _check_nonfinite(self) -> None:
+        """Stops at the first non-finite step (`stop`), or reports each call's.
+
+        One host read for all the calls since the previous one
+        (`nonfinite.Tally`): the steps after a non-finite one ran while the
+        host did not look, but the non-finite one changed nothing, and the
+        lines are those a check after every call would have printed.
+        """
+        calls, total = self.nonfinite.read()
+        so_far = total - sum(call.steps for call in calls)
+        for call in calls:
+            call.check(self.config.on_nonfinite)  # Raises in `stop` mode.
+            so_far += call.steps
+            self._skipped_steps(call, so_far)
+
+    def _skipped_steps(self, call: nonfinite.Call, so_far: int) -> None:
         """`--on_nonfinite=skip`: counts the steps, in the log and TensorBoard."""
-        self.skipped.assign_add(count)
-        where = f"step {last}" if first == last else f"{count} of steps {first}-{last}"
+        where = (
+            f"step {call.last}"
+            if call.first == call.last
+            else f"{call.steps} of steps {call.first}-{call.last}"
+        )
         logging.warning(
             "%s skipped: non-finite %s (%d skipped so far)",
             where,
-            nonfinite.describe(metrics),
-            int(self.skipped.numpy()),
+            nonfinite.describe(call.flags),
+            so_far,
         )
-        tf.summary.scalar("nonfinite_steps", self.skipped, step=last)
+        tf.summary.scalar("nonfinite_steps", so_far, step=call.last)
 
     def save(self) -> None:
         if self.checkpoints is not None:
@@ -474,6 +492,24 @@ def _train_summaries(config: TrainConfig) -> tuple[str, ...]:
     if config.model_dir:
         return ("loss", "learning_rate", "global_gradient_norm")
     return ("loss", "learning_rate")
+
+
+def _calls_between_reads(config: TrainConfig, steps_per_epoch: int) -> int:
+    """At most how many calls `train_epoch` makes between two non-finite checks."""
+    points = (config.log_every, config.checkpoint_every_steps, steps_per_epoch)
+    return max(1, min(p for p in points if p))
+
+
+@tf.function
+def _as_loop(metrics: dict) -> dict:
+    """One step's metrics in the form of `TrainStep.run`'s, on the device."""
+    bad = nonfinite.is_nonfinite(metrics)
+    return {
+        **metrics,
+        "top1_sum": (1.0 - bad) * metrics["top1"],
+        "nonfinite_steps": bad,
+        "nonfinite_first": tf.cast(bad, tf.int32),
+    }
 
 
 def _loops(

@@ -281,10 +281,13 @@ class TrainStep:
         one trace.
 
         Returns:
-          The last step's `loss`, `data_loss`, `top1` (and non-finite flags),
-          `top1_sum`, the sum of `top1` over the applied steps (for the mean
-          training accuracy), and `nonfinite_steps`, how many steps were not
-          applied (`on_nonfinite`).
+          The last step's `loss`, `data_loss` and `top1`; `top1_sum`, the
+          sum of `top1` over the applied steps (for the mean training
+          accuracy); `nonfinite_steps`, how many steps were not applied
+          (`on_nonfinite`), `nonfinite_first`, the first of them (1 = this
+          call's first step; 0: none), and its non-finite flags (all 0 when
+          every step was applied). Nothing here is read on the host: a loop
+          can pass them to `tfloop.nonfinite.Tally` and go on.
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
             raise TypeError(f"`num_steps` must be an integer, got {num_steps!r}.")
@@ -298,20 +301,29 @@ class TrainStep:
     def _loop(self, iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         zero = tf.constant(0.0, tf.float32)
         keys = ["loss", "data_loss", "top1"]
-        if self.on_nonfinite is not None:
-            keys += list(nonfinite.KEYS)
+        flag_keys = list(nonfinite.KEYS) if self.on_nonfinite is not None else []
+        keys += flag_keys
         metrics = dict.fromkeys(keys, zero)
+        first_flags = dict.fromkeys(flag_keys, zero)
+        first = tf.constant(0, tf.int32)
         top1_sum = skipped = zero
-        for _ in tf.range(num_steps):
+        for index in tf.range(num_steps):
             metrics = {k: v for k, v in self._step(next(iterator)).items() if k in keys}
-            bad = tf.cast(
-                tf.add_n([metrics[k] for k in nonfinite.KEYS if k in metrics] + [zero])
-                > 0,
-                tf.float32,
-            )
+            bad = nonfinite.is_nonfinite(metrics)
+            is_first = tf.logical_and(first == 0, bad > 0)
+            first_flags = {
+                k: tf.where(is_first, metrics[k], first_flags[k]) for k in flag_keys
+            }
+            first = tf.where(is_first, index + 1, first)
             top1_sum += (1.0 - bad) * metrics["top1"]
             skipped += bad
-        return {**metrics, "top1_sum": top1_sum, "nonfinite_steps": skipped}
+        return {
+            **metrics,
+            **first_flags,
+            "top1_sum": top1_sum,
+            "nonfinite_steps": skipped,
+            "nonfinite_first": first,
+        }
 
     def _traced(self, name: str, python_fn: Callable, *args) -> Callable:
         """The `tf.function` of `python_fn`, traced for `args` if not yet.
