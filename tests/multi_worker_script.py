@@ -1,11 +1,15 @@
 """One worker of `tests/test_multi_worker.py`: trains a few steps, dumps the weights.
 
     TF_CONFIG='{"cluster": ..., "task": ...}' python multi_worker_script.py OUT.npz
+    ... multi_worker_script.py OUT.npz worker_batches
+    ... multi_worker_script.py OUT.npz epoch_ids DATA_DIR
 
 Runs `train` under `MultiWorkerMirroredStrategy` through tfloop's public API
-and saves every model weight and BN update count to OUT.npz. The test imports
+and saves every model weight and BN update count to OUT.npz (`worker_batches`:
+each worker feeds only its own half of every global batch). The test imports
 this module too and runs `train` under a one-process `MirroredStrategy`, for
-the reference, so both see the same model, data and steps. Importing it
+the reference, so both see the same model, data and steps. `epoch_ids` saves
+the labels of one epoch of the binary's training input instead. Importing it
 configures no device.
 """
 
@@ -21,7 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 import tfloop
-from tfloop import bn, distribute
+from tfloop import bn, distribute, runner
+from tfloop.config import TrainConfig
 
 GLOBAL_BATCH = 16
 STEPS = 3
@@ -65,16 +70,35 @@ def build_model() -> keras.Model:
     return model
 
 
-def train(strategy: tf.distribute.Strategy) -> dict[str, np.ndarray]:
+def train(
+    strategy: tf.distribute.Strategy, *, worker_batches: bool = False, **step_args
+) -> dict[str, np.ndarray]:
     """STEPS SGD steps on `global_batches()`; returns weights and BN counts.
 
-    Values are those of this process's first replica.
+    With `worker_batches` each worker feeds the step only its own part of
+    every global batch (worker i the i-th), as when it reads its own files.
+    `step_args` go to `make_train_step`. Values are those of this process's
+    first replica.
     """
     with strategy.scope():
         model = build_model()
         optimizer = keras.optimizers.SGD(0.1)
-    step = tfloop.make_train_step(model, optimizer, LOSS, strategy=strategy)
-    for element in distribute.distribute(strategy, global_batches()):
+    step = tfloop.make_train_step(
+        model,
+        optimizer,
+        LOSS,
+        strategy=strategy,
+        worker_batches=worker_batches,
+        **step_args,
+    )
+    if worker_batches:
+        index, count = distribute.input_worker(strategy)
+        size = GLOBAL_BATCH // count
+        own = slice(index * size, (index + 1) * size)
+        batches = global_batches().map(lambda x, y: (x[own], y[own]))
+    else:
+        batches = distribute.distribute(strategy, global_batches())
+    for element in batches:
         step(element)
     results = {variable.path: variable.numpy() for variable in model.weights}
     for i, count in enumerate(bn.state(model).counts):
@@ -82,12 +106,46 @@ def train(strategy: tf.distribute.Strategy) -> dict[str, np.ndarray]:
     return results
 
 
-def main(out: str) -> None:
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    results = train(strategy)
-    results["num_replicas"] = np.array(strategy.num_replicas_in_sync)
+WORKER_BATCH_STEP = {"sync_bn": True, "bn_averaging": "plain"}
+"""Step arguments under which a step equals stock Keras on the global batch."""
+
+
+def epoch_ids(data_dir: str) -> dict[str, np.ndarray]:
+    """Labels of one epoch of the binary's training input on this worker.
+
+    The test's TFRecords label each example with its own id.
+    """
+    config = TrainConfig(
+        model="resnet_v1_small",
+        dataset="tfrecord",
+        data_dir=data_dir,
+        strategy="multi_worker",
+        image_size=32,
+        batch_size=4,
+        bn_recalibrate_batches=0,
+    )
+    run = runner._Run(config)
+    try:
+        labels = [
+            next(run.train_iterator)[1].numpy() for _ in range(run.steps_per_epoch)
+        ]
+    finally:
+        run.close()
+    return {"ids": np.concatenate(labels), "shard": np.array(run.shard)}
+
+
+def main(out: str, mode: str = "", *args: str) -> None:
+    if mode == "epoch_ids":
+        results = epoch_ids(*args)
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        if mode == "worker_batches":
+            results = train(strategy, worker_batches=True, **WORKER_BATCH_STEP)
+        else:
+            results = train(strategy)
+        results["num_replicas"] = np.array(strategy.num_replicas_in_sync)
     np.savez(out, **results)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

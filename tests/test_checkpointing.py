@@ -226,3 +226,34 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     # The state of step 1, not the ones assigned before the killed save.
     assert not np.array_equal(model.layers[0].kernel.numpy(), np.ones([3, 2]))
+
+
+def test_each_worker_resumes_its_own_input_position_and_only_its_own(tmp_path):
+    """Worker items restore with their shared checkpoint; another sharding is refused."""
+
+    def checkpoints(iterator, worker):
+        return checkpointing.Checkpoints(
+            model_dir=str(tmp_path),
+            items={"model": _dense(3)},
+            metadata={},
+            strategy=tf.distribute.get_strategy(),
+            chief=True,
+            guarded=[],
+            worker_items={"train_data": iterator},
+            worker=worker,
+        )
+
+    numbers = tf.data.Dataset.range(100)
+    iterator = iter(numbers)
+    next(iterator), next(iterator)
+    checkpoints(iterator, (1, 2)).save(2)
+    assert (tmp_path / "checkpoints" / "worker-1-of-2" / "ckpt-2.index").exists()
+    resumed = iter(numbers)
+    checkpoints(resumed, (1, 2))
+    assert int(next(resumed)) == 2
+    with pytest.raises(
+        InputError,
+        match=r"^checkpoint `\S+ckpt-2` holds no input position of worker 1 of 3 "
+        r"\(no `\S+worker-1-of-3/ckpt-2`\): resume with the workers that wrote it$",
+    ):
+        checkpoints(iter(numbers), (1, 3))

@@ -254,6 +254,42 @@ def test_load_folder_checks_splits_have_the_same_classes(tmp_path):
         data.load("folder", split="validation", **kwargs)
 
 
+def test_folder_shards_are_disjoint_files_that_cover_the_split(tmp_path):
+    """Worker i of n reads files i, i + n, ... of `data.files`, whole."""
+    for index in range(7):  # Each image its own size, to tell them apart.
+        os.makedirs(tmp_path / "train" / f"c{index % 2}", exist_ok=True)
+        image = np.zeros((index + 1, 3, 3), np.uint8)
+        Image.fromarray(image).save(
+            tmp_path / "train" / f"c{index % 2}" / f"{index}.png"
+        )
+    files = data.files("folder", data_dir=str(tmp_path), split="train")
+    assert len(files) == 7
+    seen = []
+    for index in range(3):
+        shard = (index, 3)
+        dataset, _ = data.image_folder(str(tmp_path), "train", shard=shard)
+        heights = [image.shape[0] for image, _ in _examples(dataset)]
+        # The files of the shard, in their order.
+        assert [os.path.basename(f) for f in files[index::3]] == [
+            f"{h - 1}.png" for h in heights
+        ]
+        assert data.count_examples(
+            "folder", data_dir=str(tmp_path), split="train", shard=shard
+        ) == len(heights)
+        seen += heights
+    assert sorted(seen) == list(range(1, 8))
+    with pytest.raises(ValueError, match=r"`shard` needs files"):
+        data.load(
+            "shapes",
+            split="train",
+            data_dir=None,
+            image_size=8,
+            batch_size=2,
+            seed=0,
+            shard=(0, 2),
+        )
+
+
 # --------------------------------------------------------------------------
 # TFRecords
 
@@ -367,3 +403,55 @@ def test_cached_pipeline_yields_the_same_batches_every_epoch():
         for (a, la), (b, lb) in zip(plain, cached, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{epoch}")
             np.testing.assert_array_equal(la.numpy(), lb.numpy())
+
+
+def _counted_batches(reads, *, known_size=True):
+    """4 batches of 2 (images [2, 3] float32, labels); `reads` counts source reads."""
+
+    def read(i):
+        reads.append(int(i))
+        return np.full([3], i, np.float32)
+
+    source = tf.data.Dataset.range(8)
+    if not known_size:
+        source = source.filter(lambda i: True)  # Unknown cardinality.
+    images = source.map(
+        lambda i: tf.ensure_shape(tf.numpy_function(read, [i], tf.float32), [3])
+    )
+    return tf.data.Dataset.zip(images, source).batch(2)
+
+
+def test_in_memory_reads_the_source_once_partial_passes_included():
+    reads = []
+    dataset = data.in_memory(_counted_batches(reads), batch_size=2)
+    assert sorted(reads) == list(range(8))  # The one pass, now.
+    first = [x.numpy().tolist() for x, _ in dataset.take(1)]  # A partial pass...
+    whole = [x.numpy().tolist() for x, _ in dataset]
+    assert first == whole[:1] and len(whole) == 4
+    assert whole[3] == [[6.0] * 3, [7.0] * 3]
+    assert sorted(reads) == list(range(8))  # ...and a full one: no new reads.
+
+
+@pytest.mark.parametrize(
+    ("known_size", "max_batches", "max_bytes", "cached", "batches"),
+    [
+        (True, None, 4 * 2 * (3 * 4 + 8), True, 4),  # Exactly the budget.
+        (True, None, 4 * 2 * (3 * 4 + 8) - 1, False, 4),
+        (False, None, 10**9, False, 4),  # Size unknown: streamed.
+        (False, 3, 3 * 2 * (3 * 4 + 8), True, 3),  # Bounded by `max_batches`.
+    ],
+)
+def test_in_memory_keeps_only_what_is_known_to_fit(
+    known_size, max_batches, max_bytes, cached, batches
+):
+    reads = []
+    dataset = data.in_memory(
+        _counted_batches(reads, known_size=known_size),
+        batch_size=2,
+        max_batches=max_batches,
+        max_bytes=max_bytes,
+    )
+    for _ in range(2):
+        assert sum(1 for _ in dataset) == batches
+    # Kept: read once, when built; else: once per pass.
+    assert len(reads) == (1 if cached else 2) * batches * 2

@@ -176,3 +176,11 @@ def test_precise_bn_recalibrates_before_validation_in_fit(capsys):
     assert len(stale) == 1
     moving, recalibrated = map(float, stale[0])
     assert recalibrated == round(after["loss"], 2) and moving > 1.2 * recalibrated
+
+
+@pytest.mark.parametrize("tolerance", [-0.5, float("nan")])
+def test_precise_bn_refuses_a_bad_tolerance(tolerance):
+    with pytest.raises(ValueError, match="`tolerance`"):
+        tfloop.keras.PreciseBN(
+            tf.data.Dataset.range(1), num_batches=1, tolerance=tolerance
+        )

@@ -64,6 +64,63 @@ def test_recalibrate_takes_at_most_num_batches():
         bn.recalibrate(model, dataset, num_batches=0)
 
 
+def _numpy_stop(model, batches, tolerance):
+    """Batches a tolerance-based recalibration uses, computed with numpy alone.
+
+    The first b >= 4 at which, for both BN layers, the RMS over channels of
+    SE(mean) / std and SE(var) / (2 var) (standard errors from the spread
+    between batches, ddof=1) is at most `tolerance`; all batches otherwise.
+    """
+    inputs = [numpy_bn_inputs(model, x) for x in batches]
+    epsilon = bn.layers(model)[0].epsilon
+    for b in range(bn.precise.MIN_BATCHES, len(batches) + 1):
+        errors = []
+        for i in range(2):
+            h = [np.asarray(inputs[j][i], np.float64) for j in range(b)]
+            means = np.stack([x.mean(0) for x in h])
+            variances = np.stack([x.var(0) for x in h])
+            var = np.concatenate(h).var(0) + epsilon
+            mean_se2 = means.var(0, ddof=1) / b
+            var_se2 = variances.var(0, ddof=1) / b
+            squared = mean_se2 / var + var_se2 / (4 * var**2)
+            errors.append(np.sqrt(squared.mean()))
+        if max(errors) <= tolerance:
+            return b
+    return len(batches)
+
+
+def test_recalibrate_stops_once_the_statistics_have_converged():
+    model = mlp()
+    rng = np.random.default_rng(1)
+    # Noisy batches: small, with batch-to-batch shifts of the inputs.
+    batches = [
+        _features(8, seed=i) + rng.normal(size=5).astype("float32") for i in range(16)
+    ]
+    dataset = tf.data.Dataset.from_tensor_slices(np.stack(batches))
+    stops = {}
+    for tolerance in (0.0, 0.05, 0.1, 0.2, 0.4, 10.0):
+        used = bn.recalibrate(model, dataset, num_batches=16, tolerance=tolerance)
+        assert used == (_numpy_stop(model, batches, tolerance) if tolerance else 16)
+        stops[tolerance] = used
+        mean, var = _population(model, batches[:used])[1]
+        layer = bn.layers(model)[1]
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-4
+        )
+        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-4)
+    # The tolerances span early, intermediate and no stops.
+    assert stops[10.0] == bn.precise.MIN_BATCHES
+    assert any(bn.precise.MIN_BATCHES < n < 16 for n in stops.values())
+    assert list(stops.values()) == sorted(stops.values(), reverse=True)
+
+
+@pytest.mark.parametrize("tolerance", [-0.1, float("nan")])
+def test_recalibrate_refuses_a_bad_tolerance(tolerance):
+    dataset = tf.data.Dataset.from_tensor_slices(np.stack(np.split(_features(), 4)))
+    with pytest.raises(ValueError, match="`tolerance`"):
+        bn.recalibrate(mlp(), dataset, num_batches=2, tolerance=tolerance)
+
+
 def test_recalibrate_across_two_replicas_with_different_data(mirrored):
     strategy = mirrored
     with strategy.scope():

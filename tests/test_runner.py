@@ -1,9 +1,16 @@
 """The training run of the binary: steps per loop, dtype policies."""
 
-import keras
-import pytest
+import dataclasses
+import logging
+import types
 
-from tfloop import runner
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfloop
+from tfloop import checks, errors, runner
 from tfloop.config import TrainConfig
 
 TINY = TrainConfig(
@@ -92,3 +99,102 @@ def test_mixed_precision_builds_the_model_under_its_policy_only(capsys):
         mixed.close()
     finally:
         run.close()
+
+
+def _keras_loss_and_top1(model, batches):
+    """Mean cross-entropy and top-1 over `batches`, with Keras and numpy alone."""
+    losses, hits = [], []
+    for images, labels in batches:
+        logits = model(images, training=False)
+        losses.append(
+            keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            ).numpy()
+        )
+        hits.append(np.argmax(logits.numpy(), -1) == labels.numpy())
+    return np.concatenate(losses).mean(), np.concatenate(hits).mean()
+
+
+def test_stale_check_uses_the_first_batches_and_validation_all(capsys):
+    # 4 validation batches of 16; the moving averages are checked on 1.
+    config = TrainConfig(
+        **{**TINY.__dict__, "val_examples": 64, "bn_stale_check_batches": 1}
+    )
+    run = runner._Run(config)
+    try:
+        run.train_epoch(1)
+        last = tfloop.bn.layers(run.model)[-1]  # Made surely stale:
+        last.moving_mean.assign(last.moving_mean + 3.0)
+        last.moving_variance.assign(last.moving_variance * 0.01)
+        batches = list(run.val_data)
+        assert len(batches) == 4
+        moving = _keras_loss_and_top1(run.model, batches[:1])
+        capsys.readouterr()
+        result = run.validate(epoch=0)
+        out = capsys.readouterr().out
+        recalibrated_head = _keras_loss_and_top1(run.model, batches[:1])
+        recalibrated = _keras_loss_and_top1(run.model, batches)
+    finally:
+        run.close()
+    np.testing.assert_allclose(
+        (result.moving_loss, result.moving_top1), moving, rtol=1e-5
+    )
+    np.testing.assert_allclose((result.loss, result.top1), recalibrated, rtol=1e-5)
+    assert (
+        f"BN statistics were stale: val loss {moving[0]:.2f} with moving averages, "
+        f"{recalibrated_head[0]:.2f} after recalibration"
+    ) in out
+
+
+def _worker(index: int, count: int):
+    """A stand-in strategy of worker `index` of a `count`-worker cluster."""
+    spec = tf.train.ClusterSpec({"worker": [f"127.0.0.1:{i}" for i in range(count)]})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        spec, task_type="worker", task_id=index
+    )
+    return types.SimpleNamespace(cluster_resolver=resolver)
+
+
+@pytest.mark.parametrize(
+    ("files", "why"),
+    [
+        (0, "it is generated, not read from files"),
+        (1, "1 file(s) for 2 workers (file sharding needs one each)"),
+    ],
+)
+def test_too_few_files_are_not_sharded_and_one_line_says_why(
+    files, why, tmp_path, caplog
+):
+    for index in range(files):
+        (tmp_path / f"train-{index:05d}-of-{files:05d}").write_bytes(b"")
+    config = dataclasses.replace(
+        TINY,
+        dataset="tfrecord" if files else "shapes",
+        data_dir=str(tmp_path),
+    )
+    with caplog.at_level(logging.INFO):
+        assert runner._file_shard(config, _worker(1, 2)) is None
+    lines = [
+        r.getMessage() for r in caplog.records if "share of each" in r.getMessage()
+    ]
+    assert len(lines) == 1 and why in lines[0], lines
+
+
+def test_one_file_per_worker_is_sharded_silently(tmp_path, caplog):
+    for index in range(3):
+        (tmp_path / f"train-{index:05d}-of-00003").write_bytes(b"")
+    config = dataclasses.replace(TINY, dataset="tfrecord", data_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        assert runner._file_shard(config, _worker(2, 3)) == (2, 3)
+    assert not [r for r in caplog.records if "share of each" in r.getMessage()]
+    assert runner._file_shard(config, _worker(0, 1)) is None  # One worker.
+
+
+def test_a_worker_whose_files_hold_less_than_its_batch_is_refused():
+    checks.check_worker_files(8, [4, 4])
+    with pytest.raises(
+        errors.InputError,
+        match=r"^worker 1's training files hold 3 examples, fewer than its batch "
+        r"of 4 \(`--batch_size`=8 over 2 workers\)",
+    ):
+        checks.check_worker_files(8, [5, 3])

@@ -4,7 +4,8 @@ Why this module exists: a run on a shared or preemptible machine must lose at
 most the steps since its last checkpoint and come back bit-identical. So a
 checkpoint holds everything the rest of the run depends on: the model, the
 optimizer (slots and `iterations`), tfloop's BN update counts, the position of
-the train-data iterator (tf.data saves it, shuffle buffer included), the
+the train-data iterator (tf.data saves it, shuffle buffer included; each
+worker's own when workers read their own files), the
 state of the model's Keras seed generators (dropout) and the count of skipped
 non-finite steps. Checkpoints are written by `tf.train.CheckpointManager`
 (complete or absent: the `checkpoint` state file moves to a new checkpoint
@@ -110,6 +111,13 @@ class Checkpoints:
         to `PreemptionCheckpointHandler`).
       chief: whether this worker writes to `model_dir`.
       guarded: variables that must be finite in every checkpoint.
+      worker_items: what is this worker's own rather than the run's: the
+        position of its input when each worker reads its own files. Every
+        worker writes them to `MODEL_DIR/checkpoints/worker-<i>-of-<n>/`
+        (`worker=(i, n)`) under the number of the shared checkpoint, before
+        that one, and restores them with it; a run resumed with another
+        number of workers finds none and is refused.
+      worker: `(index, count)` of this worker, for `worker_items`.
     """
 
     def __init__(
@@ -121,6 +129,8 @@ class Checkpoints:
         strategy: tf.distribute.Strategy,
         chief: bool,
         guarded: Sequence,
+        worker_items: Mapping[str, object] | None = None,
+        worker: tuple[int, int] = (0, 1),
     ):
         check_compatible(model_dir, metadata)
         self._metadata = dict(metadata)
@@ -128,9 +138,20 @@ class Checkpoints:
         self._chief = chief
         self.directory = os.path.join(model_dir, "checkpoints")
         self.checkpoint = tf.train.Checkpoint(**items)
+        self._worker = worker
+        self._worker_manager = None
+        if worker_items:
+            index, count = worker
+            self._worker_manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(**worker_items),
+                os.path.join(self.directory, f"worker-{index}-of-{count}"),
+                max_to_keep=_MAX_TO_KEEP,
+            )
         self.restored = tf.train.latest_checkpoint(self.directory)
         if self.restored:
-            self._restore(self.restored)
+            self._restore(self.checkpoint, self.restored)
+            if self._worker_manager is not None:
+                self._restore_worker(self.restored)
         self._scratch = None
         directory = self.directory
         if not chief:
@@ -151,9 +172,21 @@ class Checkpoints:
         )
         self._step = 0
 
-    def _restore(self, path: str) -> None:
+    def _restore_worker(self, path: str) -> None:
+        """Restores this worker's items saved with shared checkpoint `path`."""
+        own = os.path.join(self._worker_manager.directory, os.path.basename(path))
+        if not tf.io.gfile.exists(own + ".index"):
+            index, count = self._worker
+            raise InputError(
+                f"checkpoint `{path}` holds no input position of worker {index} "
+                f"of {count} (no `{own}`): resume with the workers that wrote it"
+            )
+        self._restore(self._worker_manager.checkpoint, own)
+
+    @staticmethod
+    def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
         try:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            checkpoint.restore(path).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise InputError(
@@ -174,6 +207,9 @@ class Checkpoints:
             os.path.join(self.directory, METADATA_FILENAME)
         ):
             _write_metadata(self.directory, self._metadata)
+        # This worker's part first: a shared checkpoint never lacks it.
+        if self._worker_manager is not None:
+            self._worker_manager.save(checkpoint_number=step)
         self.last_saved = self.manager.save(checkpoint_number=step)
         return self.last_saved
 

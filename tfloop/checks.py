@@ -128,6 +128,24 @@ def check_batch(batch_size: int, *, num_replicas: int, train_batches: int) -> No
         raise_empty_train(batch_size)
 
 
+def check_worker_files(batch_size: int, examples: list[int]) -> None:
+    """Every worker's own training files hold at least its batch.
+
+    `examples[i]` are the examples in worker i's files. A worker whose files
+    hold less than its share of `batch_size` would never yield one batch,
+    and the others would wait for it forever.
+    """
+    worker_batch = batch_size // len(examples)
+    for index, count in enumerate(examples):
+        if count < worker_batch:
+            raise InputError(
+                f"worker {index}'s training files hold {count} examples, fewer "
+                f"than its batch of {worker_batch} (`--batch_size`={batch_size} "
+                f"over {len(examples)} workers); use a smaller `--batch_size`, "
+                "fewer workers or more files"
+            )
+
+
 def raise_empty_train(batch_size: int) -> None:
     raise InputError(
         f"`--batch_size`={batch_size} is larger than the train split: not one "

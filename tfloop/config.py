@@ -31,6 +31,8 @@ class TrainConfig:
     bn_decay: float | None = None
     bn_averaging: str = "debias"
     bn_recalibrate_batches: int = 50  # benchmarks/recalibration_batches.py
+    bn_recalibrate_tolerance: float = 0.02  # benchmarks/README.md, section 3.
+    bn_stale_check_batches: int = 4
     sync_bn: bool = False
     strategy: str = "default"
     num_cpu_devices: int = 0

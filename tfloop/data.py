@@ -149,7 +149,9 @@ def _shape_image(key: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
 # Image folders.
 
 
-def image_folder(data_dir: str, split: str) -> tuple[tf.data.Dataset, list[str]]:
+def image_folder(
+    data_dir: str, split: str, *, shard: tuple[int, int] | None = None
+) -> tuple[tf.data.Dataset, list[str]]:
     """Reads `data_dir/<split>/<class>/*` images; returns them and the classes.
 
     Labels are indices into the sorted class-directory names, which are
@@ -161,22 +163,16 @@ def image_folder(data_dir: str, split: str) -> tuple[tf.data.Dataset, list[str]]
     Examples come in a fixed pseudo-random order (sorted by a hash of
     `<class>/<file>`) rather than class by class: a shuffle buffer smaller
     than the dataset would otherwise fill batches with one or two classes,
-    which skews gradients and batch-norm statistics alike.
+    which skews gradients and batch-norm statistics alike. `shard=(i, n)`
+    keeps every n-th file of that order from the i-th (see `files`).
 
     Raises:
       ValueError: if the split folder does not exist, has no class
         sub-folders, or a class folder has no images.
     """
-    split_dir = os.path.join(data_dir, split)
-    paths, labels, class_names = _image_files(split_dir)
-    order = sorted(
-        range(len(paths)),
-        key=lambda i: hashlib.md5(
-            os.path.relpath(paths[i], split_dir).encode()
-        ).hexdigest(),
-    )
+    paths, labels, class_names = _folder_examples(os.path.join(data_dir, split))
     dataset = tf.data.Dataset.from_tensor_slices(
-        ([paths[i] for i in order], tf.constant([labels[i] for i in order], tf.int32))
+        (_shard(paths, shard), tf.constant(_shard(labels, shard), tf.int32))
     )
 
     def read(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -184,6 +180,26 @@ def image_folder(data_dir: str, split: str) -> tuple[tf.data.Dataset, list[str]]
 
     dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset, class_names
+
+
+def _folder_examples(split_dir: str) -> tuple[list[str], list[int], list[str]]:
+    """`_image_files` in `image_folder`'s reading order (by a hash of the path)."""
+    paths, labels, class_names = _image_files(split_dir)
+    order = sorted(
+        range(len(paths)),
+        key=lambda i: hashlib.md5(
+            os.path.relpath(paths[i], split_dir).encode()
+        ).hexdigest(),
+    )
+    return [paths[i] for i in order], [labels[i] for i in order], class_names
+
+
+def _shard(items: list, shard: tuple[int, int] | None) -> list:
+    """Items `i, i + n, i + 2n, ...` for `shard=(i, n)`, as `Dataset.shard(n, i)`."""
+    if shard is None:
+        return items
+    index, count = shard
+    return items[index::count]
 
 
 def _image_files(split_dir: str) -> tuple[list[str], list[int], list[str]]:
@@ -246,7 +262,9 @@ def _tfrecord_patterns(split: str) -> tuple[str, ...]:
     )
 
 
-def tfrecords(data_dir: str, split: str) -> tf.data.Dataset:
+def tfrecords(
+    data_dir: str, split: str, *, shard: tuple[int, int] | None = None
+) -> tf.data.Dataset:
     """Reads TFRecords of `tf.train.Example`s written by TF-slim's converters.
 
     Uses the features `image/encoded` (JPEG/PNG bytes) and
@@ -255,7 +273,8 @@ def tfrecords(data_dir: str, split: str) -> tf.data.Dataset:
     `<split>.tfrecord*`, `<split>_*.tfrecord*`, `*_<split>.tfrecord*` or
     `*_<split>_*.tfrecord*` (slim's ImageNet, cifar10/mnist and flowers
     naming). They are read one after the other in sorted order (slim's
-    converters shuffle examples before writing them).
+    converters shuffle examples before writing them); `shard=(i, n)` reads
+    every n-th file from the i-th (see `files`).
 
     Raises:
       ValueError: if no file matches.
@@ -266,7 +285,8 @@ def tfrecords(data_dir: str, split: str) -> tf.data.Dataset:
         label = tf.cast(example["image/class/label"], tf.int32)
         return _decode(example["image/encoded"]), label
 
-    return tf.data.TFRecordDataset(_tfrecord_files(data_dir, split)).map(
+    files = _shard(_tfrecord_files(data_dir, split), shard)
+    return tf.data.TFRecordDataset(files).map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
 
@@ -289,6 +309,36 @@ def _tfrecord_files(data_dir: str, split: str) -> list[str]:
         pattern = os.path.join(data_dir, f"{{{','.join(_tfrecord_patterns(split))}}}")
         raise ValueError(f"no TFRecord files match `{pattern}`")
     return files
+
+
+def files(name: str, *, data_dir: str | None, split: str) -> list[str]:
+    """The files `load` reads a split from, in reading order.
+
+    An image folder's images, or the TFRecord files; none for `shapes`
+    (generated). `load(..., shard=(i, n))` reads items `i, i + n, ...` of
+    this list: worker i of n reads only its own files (file sharding).
+    """
+    if name == "folder":
+        return _folder_examples(os.path.join(data_dir, split))[0]
+    if name == "tfrecord":
+        return _tfrecord_files(data_dir, split)
+    return []
+
+
+def count_examples(
+    name: str, *, data_dir: str, split: str, shard: tuple[int, int] | None = None
+) -> int:
+    """Examples in the files of `split` (of `shard`, see `files`), without decoding.
+
+    An image folder holds one per file; TFRecords are counted record by
+    record (read, not parsed).
+    """
+    if name == "tfrecord":
+        records = tf.data.TFRecordDataset(
+            _shard(_tfrecord_files(data_dir, split), shard)
+        )
+        return int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    return len(_shard(files(name, data_dir=data_dir, split=split), shard))
 
 
 def encoded_images(
@@ -444,6 +494,7 @@ def load(
     num_examples: int | None = None,
     augment: bool | None = None,
     cache: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[tf.data.Dataset, int]:
     """Returns batched `(images, labels)` of a named source and its class count.
 
@@ -459,6 +510,8 @@ def load(
     on the input distribution validation sees. `cache=True` keeps the decoded
     (not yet augmented) images in memory after the first pass, so later
     epochs skip reading and decoding; it needs memory for the whole split.
+    `shard=(i, n)` reads only items `i, i + n, ...` of `files` (worker i of
+    n reads its own files); `shapes` has no files to shard.
 
     Raises:
       ValueError: for an unknown name, a missing `data_dir`, or any error of
@@ -467,6 +520,8 @@ def load(
     train = split == "train"
     augment = train if augment is None else augment
     if name == "shapes":
+        if shard is not None:
+            raise ValueError("`shard` needs files; dataset `shapes` is generated")
         if num_examples is None:
             num_examples = SHAPES_TRAIN_SIZE if train else SHAPES_VAL_SIZE
         source = shapes(split, num_examples=num_examples, seed=seed)
@@ -475,11 +530,11 @@ def load(
         if not data_dir:
             raise ValueError(f"dataset `{name}` needs a data directory")
         if name == "folder":
-            source, class_names = image_folder(data_dir, split)
+            source, class_names = image_folder(data_dir, split, shard=shard)
             _check_same_classes(data_dir, split, class_names)
             num_classes = len(class_names)
         else:
-            source = tfrecords(data_dir, split)
+            source = tfrecords(data_dir, split, shard=shard)
             num_classes = max(read_label_file(data_dir)) + 1
     else:
         raise ValueError(f"unknown dataset `{name}`; expected one of {_SOURCES}")
@@ -507,3 +562,50 @@ def _check_same_classes(data_dir: str, split: str, class_names: list[str]) -> No
             f"classes of `{os.path.join(data_dir, split)}` differ from those of "
             f"`{train_dir}`: {diff}"
         )
+
+
+# Validation and recalibration data kept in memory up to this size (the main
+# command's are 6 and 20 MB; ImageNet's validation split at 224 px is not).
+IN_MEMORY_BYTES = 512 * 2**20
+
+
+def in_memory(
+    dataset: tf.data.Dataset,
+    *,
+    batch_size: int,
+    max_batches: int | None = None,
+    max_bytes: int = IN_MEMORY_BYTES,
+) -> tf.data.Dataset:
+    """The batches of an evaluation-treatment dataset, read once and kept.
+
+    Validation and recalibration read the same batches in the same order at
+    every validation: decoding and preprocessing them again each time took
+    a third of a validation phase in the main command
+    (`benchmarks/README.md`). The cache is filled now, by one full pass, so
+    that later partial passes (recalibration's early stop, the stale check
+    on the first batches) read from it too: `tf.data` keeps an in-memory
+    cache only once a pass has reached the end.
+
+    Returns `dataset` as it is when its size is not known to be at most
+    `max_bytes`: from its cardinality, or `max_batches` when it is unknown
+    (the dataset is cut to `max_batches` batches either way).
+    """
+    if max_batches is not None:
+        dataset = dataset.take(max_batches)
+    batches = int(dataset.cardinality())
+    if batches < 0:
+        if max_batches is None:
+            return dataset
+        batches = max_batches
+    sizes = [
+        (spec.shape[1:].num_elements(), spec.dtype.size)
+        for spec in tf.nest.flatten(dataset.element_spec)
+    ]
+    if any(n is None for n, _ in sizes):  # Images of varying shapes.
+        return dataset
+    if batches * batch_size * sum(n * size for n, size in sizes) > max_bytes:
+        return dataset
+    cached = dataset.cache()
+    for _ in cached:
+        pass
+    return cached

@@ -57,6 +57,44 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+def input_worker(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """`(index, count)` of this worker among the workers that read input.
+
+    The chief, if the cluster has one, is worker 0, then the `worker` tasks
+    in order: the order in which `MultiWorkerMirroredStrategy` numbers its
+    replicas, so worker i holds replicas `i * local .. (i + 1) * local - 1`.
+    One process (no cluster) is worker 0 of 1.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 0, 1
+    spec = resolver.cluster_spec().as_dict()
+    chiefs = len(spec.get("chief", ()))
+    index = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+    return index, chiefs + len(spec.get("worker", ()))
+
+
+def worker_values(strategy: tf.distribute.Strategy, value: int) -> list[int]:
+    """Every worker's `value`, in worker order (one all-reduce).
+
+    For numbers each worker finds on its own, e.g. the examples in its
+    files, that all workers must agree on (the steps of an epoch).
+    """
+    index, count = input_worker(strategy)
+    if count == 1:
+        return [value]
+    local = strategy.num_replicas_in_sync // count
+    # Each local replica contributes the worker's value at its index; float64
+    # holds integers exactly far beyond any example count.
+    vector = tf.one_hot(index, count, dtype=tf.float64) * value
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM,
+        strategy.experimental_distribute_values_from_function(lambda _: vector),
+        axis=None,
+    )
+    return [round(v / local) for v in total.numpy()]
+
+
 def distribute(
     strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
 ) -> tf.distribute.DistributedDataset:
@@ -72,23 +110,30 @@ def distribute(
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
-def split_batch(strategy: tf.distribute.Strategy, element):
-    """Splits one global batch `(images, labels[, weights])` into per-replica shards.
+def split_batch(
+    strategy: tf.distribute.Strategy, element, *, worker_local: bool = False
+):
+    """Splits one batch `(images, labels[, weights])` into per-replica shards.
 
     For a batch read from a plain iterator, which (unlike the iterator of a
     distributed dataset) `tf.train.Checkpoint` can save; a train step does
-    this itself with any batch that is not already distributed. Replica i of
-    the cluster gets the i-th slice (the first `batch % replicas` slices one
-    example more, as `tf.data`'s rebatching), as every worker reads the same
-    batches. Works eagerly and inside a `tf.function`.
+    this itself with any batch that is not already distributed. A global
+    batch (every worker reads the same batches) is split over all replicas
+    of the cluster: replica i gets the i-th slice (the first
+    `batch % replicas` slices one example more, as `tf.data`'s rebatching).
+    A `worker_local` batch (each worker reads its own files, see
+    `input_worker`) is split the same way over this worker's replicas only.
+    Works eagerly and inside a `tf.function`.
     """
-    if strategy.num_replicas_in_sync == 1:
+    workers = input_worker(strategy)[1] if worker_local else 1
+    count = strategy.num_replicas_in_sync // workers
+    if count == 1:
         return element
 
     def shard(value):
         def piece(context: tf.distribute.ValueContext):
-            index = context.replica_id_in_sync_group
-            count = context.num_replicas_in_sync
+            # Replicas of one worker are numbered consecutively.
+            index = context.replica_id_in_sync_group % count
             batch = tf.shape(value)[0]
             size = batch // count + tf.cast(index < batch % count, tf.int32)
             start = index * (batch // count) + tf.minimum(index, batch % count)

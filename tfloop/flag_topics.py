@@ -57,6 +57,8 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "bn_decay",
         "bn_averaging",
         "bn_recalibrate_batches",
+        "bn_recalibrate_tolerance",
+        "bn_stale_check_batches",
         "sync_bn",
         "compare_bn",
     ),

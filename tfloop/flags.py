@@ -59,7 +59,21 @@ flags.DEFINE_integer(
     "bn_recalibrate_batches",
     _D.bn_recalibrate_batches,
     "Batches of precise-BN recalibration before every validation and "
-    "checkpoint; 0 turns it off.",
+    "checkpoint (at most, with --bn_recalibrate_tolerance); 0 turns it off.",
+    lower_bound=0,
+)
+flags.DEFINE_float(
+    "bn_recalibrate_tolerance",
+    _D.bn_recalibrate_tolerance,
+    "Stop recalibrating once every BN layer's statistics have this relative "
+    "standard error (RMS over channels); 0: always use all batches.",
+    lower_bound=0.0,
+)
+flags.DEFINE_integer(
+    "bn_stale_check_batches",
+    _D.bn_stale_check_batches,
+    "Validation batches on which the moving averages are evaluated for the "
+    "`stale` line and the moving-average summaries; 0: all.",
     lower_bound=0,
 )
 flags.DEFINE_bool("sync_bn", _D.sync_bn, "Normalize with global-batch statistics.")

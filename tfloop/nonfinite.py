@@ -11,6 +11,16 @@ reports what was non-finite (`nonfinite_loss`, `nonfinite_gradients`,
 `nonfinite_bn`: replicas that saw it); `check_step` turns that into a
 `NonFiniteError` (`stop`) or a count (`skip`).
 
+`check_step` reads the flags on the host, which waits for the step to end.
+A loop that should not wait after every step (asynchronous dispatch,
+`TrainStep.run`) keeps the count on the device instead: `Tally.record` after
+each call notes the calls with non-finite steps, `Tally.read` (one host read)
+returns them only where the host acts anyway, e.g. before a log line or a
+checkpoint, to stop or report each as `check_step` would have. A step after a non-finite one is an
+ordinary step (the non-finite one changed nothing), so stopping at the next
+read still names the first non-finite step, and the latest checkpoint is
+still the last good one.
+
 The optimizer update runs under `tf.cond` in cross-replica context, the way
 Keras' `LossScaleOptimizer` skips its non-finite steps: a `cond` in replica
 context cannot contain the optimizer's `merge_call`. The BN statistics update
@@ -19,8 +29,9 @@ takes the flag itself (`tfloop.bn.averaging._apply_updates(finite=...)`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -113,6 +124,14 @@ def _cross_replica_cond(strategy, finite, pairs, *, optimizer) -> None:
     )
 
 
+def is_nonfinite(metrics: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    """1.0 if a step's flags say it was not applied, else 0.0 (no host read)."""
+    flags = [metrics[key] for key in KEYS if key in metrics]
+    if not flags:
+        return tf.constant(0.0)
+    return tf.cast(tf.add_n(flags) > 0, tf.float32)
+
+
 def describe(metrics: dict) -> str:
     """What was non-finite in a step's metrics, e.g. `loss and gradients`."""
     kinds = [kind for key, kind in _KINDS if float(metrics.get(key, 0.0)) > 0]
@@ -131,6 +150,113 @@ def check_step(step: int, metrics: dict, *, mode: str) -> bool:
             "or use --on_nonfinite=skip)"
         )
     return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One call of a step (steps `first..last`) that had non-finite steps."""
+
+    first: int
+    last: int
+    steps: int  # How many of its steps were non-finite.
+    first_nonfinite: int  # The first of them.
+    flags: dict[str, int]  # Its flags, by `KEYS` (as a step reports them).
+
+    def check(self, mode: str) -> bool:
+        """`check_step` for the call's first non-finite step: raises in `stop` mode."""
+        return check_step(self.first_nonfinite, self.flags, mode=mode)
+
+
+class Tally:
+    """Non-finite steps counted on the device, read on the host only when asked.
+
+    `record(first, last, metrics)` after every call of a step (metrics as
+    `TrainStep.run` returns them, for steps `first..last`) adds to the count
+    and notes a call with non-finite steps, without a host read. `read()`
+    returns those calls since the previous read and the run's count, in one
+    host read.
+
+    Args:
+      count: an int64 `tf.Variable`, the run's non-finite steps: `record`
+        adds to it, so with `optimizer.iterations` it gives the position in
+        the run at any time (the caller checkpoints it).
+      capacity: calls noted between two reads; beyond it a call is merged
+        into the last one noted (its steps counted, its first step kept). A
+        loop that reads every `n` calls at most loses nothing with `n`.
+
+    Build it under the strategy's scope, as `count`.
+    """
+
+    def __init__(self, count: tf.Variable, *, capacity: int = 100):
+        if capacity < 1:
+            raise ValueError(f"`capacity` must be >= 1, got {capacity!r}.")
+        self.count = count
+        self.capacity = capacity
+        # Rows: first, last, steps, first non-finite step, its flags.
+        self._calls = tf.Variable(
+            tf.zeros([capacity, 4 + len(KEYS)], tf.int64),
+            trainable=False,
+            name="nonfinite_calls",
+        )
+        self._noted = tf.Variable(0, dtype=tf.int64, trainable=False, name="noted")
+
+    def record(self, first: int, last: int, metrics: Mapping[str, tf.Tensor]) -> None:
+        """Adds the non-finite steps of one call, which ran steps `first..last`."""
+        keys = (*KEYS, "nonfinite_steps", "nonfinite_first")
+        self._record(
+            tf.constant([first, last], tf.int64), {key: metrics[key] for key in keys}
+        )
+
+    @tf.function
+    def _record(self, span: tf.Tensor, metrics: dict) -> None:
+        steps = tf.cast(metrics["nonfinite_steps"], tf.int64)
+        self.count.assign_add(steps)
+        if steps > 0:
+            flags = tf.cast(tf.stack([metrics[key] for key in KEYS]) > 0, tf.int64)
+            first = span[0] + tf.cast(metrics["nonfinite_first"], tf.int64) - 1
+            noted = tf.convert_to_tensor(self._noted)
+            row = tf.minimum(noted, self.capacity - 1)
+            calls = tf.convert_to_tensor(self._calls)
+            merged = calls[row]  # When full: the last row absorbs the call.
+            value = tf.where(
+                noted < self.capacity,
+                tf.concat([span, [steps, first], flags], 0),
+                tf.concat(
+                    [
+                        [merged[0], span[1], merged[2] + steps, merged[3]],
+                        tf.maximum(merged[4:], flags),
+                    ],
+                    0,
+                ),
+            )
+            self._calls.assign(tf.tensor_scatter_nd_update(calls, [[row]], [value]))
+            self._noted.assign(tf.minimum(noted + 1, self.capacity))
+
+    def read(self) -> tuple[list[Call], int]:
+        """The calls with non-finite steps since the previous read, and `count`."""
+        values = self._take().numpy()
+        rows = values[1:].reshape([-1, 4 + len(KEYS)])
+        calls = [
+            Call(
+                first=int(row[0]),
+                last=int(row[1]),
+                steps=int(row[2]),
+                first_nonfinite=int(row[3]),
+                flags={key: int(flag) for key, flag in zip(KEYS, row[4:])},
+            )
+            for row in rows
+        ]
+        return calls, int(values[0])
+
+    @tf.function
+    def _take(self) -> tf.Tensor:
+        noted = tf.convert_to_tensor(self._calls)[: self._noted]
+        values = tf.concat(
+            [[tf.cast(self.count, tf.int64)], tf.reshape(noted, [-1])], axis=0
+        )
+        with tf.control_dependencies([values]):
+            self._noted.assign(0)
+        return values
 
 
 def nonfinite_variables(variables: Iterable) -> list[str]:

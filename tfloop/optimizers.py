@@ -23,7 +23,8 @@ import tensorflow as tf
 
 from tfloop import schedules
 from tfloop.config import TrainConfig
-from tfloop.optimize import OPTIMIZER_CLS_NAMES, Schedule
+from tfloop.optimize.optimizer import OPTIMIZER_CLS_NAMES, _named
+from tfloop.schedules import Schedule
 
 __all__ = ["KNOBS", "from_config", "make_optimizer"]
 
@@ -64,8 +65,7 @@ def make_optimizer(
       ValueError: an unknown name, or a knob the optimizer does not take,
         named as its flag.
     """
-    factories = {n.lower(): f for n, f in OPTIMIZER_CLS_NAMES.items()}
-    factory = factories.get(name.lower())
+    factory = _named(name)
     if factory is None:
         raise ValueError(
             f"`optimizer` {name!r} is unknown; use one of {list(OPTIMIZER_CLS_NAMES)}."

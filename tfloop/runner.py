@@ -60,6 +60,7 @@ class Validation:
     step: int
     loss: float
     top1: float
+    # With the moving averages, on the first `bn_stale_check_batches` batches.
     moving_loss: float
     moving_top1: float
     train_top1: float  # Mean training accuracy of the epoch (nan before training).
@@ -88,21 +89,26 @@ class _Run:
         load = {
             "data_dir": config.data_dir,
             "image_size": config.image_size,
-            "batch_size": config.batch_size,
             "seed": config.seed,
         }
         with checks.input_errors():
+            # (index, count) of this worker when it reads only its own files.
+            self.shard = _file_shard(config, self.strategy)
+            workers = self.shard[1] if self.shard else 1
             train_data, classes = data.load(
                 config.dataset,
                 split="train",
                 num_examples=config.train_examples,
                 cache=config.cache,
+                batch_size=config.batch_size // workers,
+                shard=self.shard,
                 **load,
             )
             val_data, _ = data.load(
                 config.dataset,
                 split="validation",
                 num_examples=config.val_examples,
+                batch_size=config.batch_size,
                 **load,
             )
             # Recalibration sees training images as validation sees its own:
@@ -112,24 +118,37 @@ class _Run:
                 split="train",
                 num_examples=config.train_examples,
                 augment=False,
+                batch_size=config.batch_size,
                 **load,
             )
+            if self.shard:
+                train_batches = _sharded_batches(config, self.strategy, self.shard)
         num_classes = checks.check_num_classes(
             config.num_classes, classes, config.dataset
         )
-        train_batches = int(train_data.cardinality())
-        if not config.steps_per_epoch and train_batches < 0:
-            train_batches = _count(train_data)
+        if not self.shard:
+            train_batches = int(train_data.cardinality())
+            if not config.steps_per_epoch and train_batches < 0:
+                train_batches = _count(train_data)
         checks.check_batch(
             config.batch_size,
             num_replicas=self.strategy.num_replicas_in_sync,
             train_batches=train_batches,
         )
         self.steps_per_epoch = config.steps_per_epoch or train_batches
-        # A plain iterator of global batches, split over the replicas per
-        # step: `tf.train.Checkpoint` saves its position (it cannot save the
-        # iterator of a distributed dataset).
+        # A plain iterator of batches, split over the replicas per step:
+        # `tf.train.Checkpoint` saves its position (it cannot save the
+        # iterator of a distributed dataset). Global batches, or with
+        # `self.shard` this worker's share of them from its own files.
         self.train_iterator = iter(train_data.repeat())
+        # Read at every validation: decoded and preprocessed once, if small.
+        val_data = data.in_memory(val_data, batch_size=config.batch_size)
+        if config.bn_recalibrate_batches:
+            calib_data = data.in_memory(
+                calib_data,
+                batch_size=config.batch_size,
+                max_batches=config.bn_recalibrate_batches,
+            )
         self.val_data = distribute.distribute(self.strategy, val_data)
         self.calib_data = distribute.distribute(self.strategy, calib_data)
         # One validation batch on which BN health (staleness) is measured.
@@ -149,6 +168,11 @@ class _Run:
             # Steps skipped as non-finite (`--on_nonfinite=skip`): with
             # `optimizer.iterations` they give the position in the run.
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # Counted on the device; read at step lines, checkpoints, epoch ends.
+            self.nonfinite = nonfinite.Tally(
+                self.skipped,
+                capacity=_calls_between_reads(config, self.steps_per_epoch),
+            )
         models.set_trainable_scopes(self.model, _scopes(config.trainable_scopes))
         self.train_step = optimize_loss(
             self.model,
@@ -167,6 +191,7 @@ class _Run:
             sync_bn=config.sync_bn,
             own_bn=not config.stock_bn,
             jit_compile=config.jit_compile,
+            worker_batches=self.shard is not None,
             # Non-finite steps are never applied (see `tfloop.nonfinite`).
             check_numerics=False,
             on_nonfinite=config.on_nonfinite,
@@ -200,10 +225,13 @@ class _Run:
         items = {
             "model": self.model,
             "optimizer": optimizer,
-            "train_data": self.train_iterator,
             "rng": checkpointing.seed_states(self.model),
             "nonfinite_steps": self.skipped,
         }
+        # Each worker's own position when it reads its own files.
+        worker_items = {"train_data": self.train_iterator} if self.shard else None
+        if not self.shard:
+            items["train_data"] = self.train_iterator
         if not self.config.stock_bn:
             items["bn"] = bn.state(self.model)
         self.checkpoints = checkpointing.Checkpoints(
@@ -217,6 +245,8 @@ class _Run:
             strategy=self.strategy,
             chief=self.chief,
             guarded=self.model.variables + optimizer.variables,
+            worker_items=worker_items,
+            worker=self.shard or (0, 1),
         )
         if self.checkpoints.restored:
             logging.info("Restored %s", self.checkpoints.restored)
@@ -251,18 +281,28 @@ class _Run:
         return int(iterations + self.skipped.numpy())
 
     def validate(self, epoch: int, train_top1: float = float("nan")) -> Validation:
-        """Validation numbers you can trust: recalibrated BN, staleness reported."""
-        moving = steps.evaluate(self.eval_step, self.val_data)
+        """Validation numbers you can trust: recalibrated BN, staleness reported.
+
+        The moving averages are evaluated on the first
+        `--bn_stale_check_batches` validation batches only (all if 0): they
+        serve the `stale` line, which compares them with the recalibrated
+        statistics on the same batches.
+        """
+        batches = self.config.bn_recalibrate_batches
+        recalibrate = batches and not self.config.stock_bn and bn.layers(self.model)
+        check = (self.config.bn_stale_check_batches or None) if recalibrate else None
+        moving = steps.evaluate(self.eval_step, self.val_data, num_batches=check)
         if self.config.model_dir and self.chief and bn.layers(self.model):
             with self.writer.as_default(step=self.global_step):
                 summaries.bn_health(bn.staleness(self.model, self.health_batch))
         result = moving
-        batches = self.config.bn_recalibrate_batches
-        if batches and not self.config.stock_bn and bn.layers(self.model):
+        if recalibrate:
             self._recalibrate(batches)
-            result = steps.evaluate(self.eval_step, self.val_data)
+            head, result = steps.evaluation._evaluate_head_and_whole(
+                self.eval_step, self.val_data, head_batches=check
+            )
             _check_finite_validation(self.model, result["loss"], self.global_step)
-            stale = progress.stale_line(moving["loss"], result["loss"])
+            stale = progress.stale_line(moving["loss"], head["loss"])
             if stale:
                 _say(stale)
         _check_finite_validation(self.model, result["loss"], self.global_step)
@@ -282,7 +322,11 @@ class _Run:
     def _recalibrate(self, batches: int) -> None:
         start = time.perf_counter()
         used = bn.recalibrate(
-            self.model, self.calib_data, num_batches=batches, strategy=self.strategy
+            self.model,
+            self.calib_data,
+            num_batches=batches,
+            strategy=self.strategy,
+            tolerance=self.config.bn_recalibrate_tolerance,
         )
         logging.info(
             "recalibrated BN on %d batches in %.1f s", used, time.perf_counter() - start
@@ -316,11 +360,12 @@ class _Run:
         With `--steps_per_loop` > 1 several steps run in one call
         (`TrainStep.run`); a call ends at every `--log_every` and
         `--checkpoint_every_steps` step, so lines and checkpoints fall on the
-        same steps either way.
+        same steps either way. Non-finite steps are read on the host only
+        there and at the end of the epoch (`_check_nonfinite`), not per step.
         """
         start = time.perf_counter()
         top1_sum = 0.0
-        applied = 0
+        skipped_before = int(self.skipped.numpy())
         first_step = self.global_step + 1  # Counted on the host: no sync per step.
         last_step = epoch * self.steps_per_epoch
         if self.config.max_number_of_steps:
@@ -340,14 +385,13 @@ class _Run:
                 boundaries=(self.config.log_every, every),
             ):
                 metrics = self._train_steps(last - first + 1)
-                # Stops (`--on_nonfinite=stop`) naming the call's last step.
-                nonfinite.check_step(last, metrics, mode=self.config.on_nonfinite)
-                skipped = int(metrics["nonfinite_steps"])
-                if skipped:
-                    self._skipped_steps(first, last, skipped, metrics)
+                self.nonfinite.record(first, last, metrics)
                 top1_sum += metrics["top1_sum"]  # A tensor until the epoch ends.
-                applied += last - first + 1 - skipped
-                if last % self.config.log_every == 0:
+                logged = last % self.config.log_every == 0
+                saved = bool(every) and last % every == 0
+                if logged or saved or last == last_step:
+                    self._check_nonfinite()
+                if logged:
                     _say(
                         f"step {last}, loss = {float(metrics['loss']):.2f}, "
                         f"training_acc = {float(metrics['top1']):.4f}"
@@ -368,6 +412,7 @@ class _Run:
                         self.checkpoints.save(last)
         bar.close()
         steps_run = last_step - first_step + 1
+        applied = steps_run - (int(self.skipped.numpy()) - skipped_before)
         seconds = time.perf_counter() - start
         logging.info(
             "epoch %d: %d steps, %.1f s, %.1f images/s",
@@ -382,25 +427,37 @@ class _Run:
         """`count` steps on the next batches: metrics as `TrainStep.run` gives them."""
         if count > 1:
             return self.train_step.run(self.train_iterator, count)
-        metrics = self.train_step(next(self.train_iterator))
-        bad = 1 if nonfinite.describe(metrics) else 0
-        return {
-            **metrics,
-            "top1_sum": 0.0 if bad else metrics["top1"],
-            "nonfinite_steps": bad,
-        }
+        return _as_loop(self.train_step(next(self.train_iterator)))
 
-    def _skipped_steps(self, first: int, last: int, count: int, metrics: dict) -> None:
+    def _check_nonfinite(self) -> None:
+        """Stops at the first non-finite step (`stop`), or reports each call's.
+
+        One host read for all the calls since the previous one
+        (`nonfinite.Tally`): the steps after a non-finite one ran while the
+        host did not look, but the non-finite one changed nothing, and the
+        lines are those a check after every call would have printed.
+        """
+        calls, total = self.nonfinite.read()
+        so_far = total - sum(call.steps for call in calls)
+        for call in calls:
+            call.check(self.config.on_nonfinite)  # Raises in `stop` mode.
+            so_far += call.steps
+            self._skipped_steps(call, so_far)
+
+    def _skipped_steps(self, call: nonfinite.Call, so_far: int) -> None:
         """`--on_nonfinite=skip`: counts the steps, in the log and TensorBoard."""
-        self.skipped.assign_add(count)
-        where = f"step {last}" if first == last else f"{count} of steps {first}-{last}"
+        where = (
+            f"step {call.last}"
+            if call.first == call.last
+            else f"{call.steps} of steps {call.first}-{call.last}"
+        )
         logging.warning(
             "%s skipped: non-finite %s (%d skipped so far)",
             where,
-            nonfinite.describe(metrics),
-            int(self.skipped.numpy()),
+            nonfinite.describe(call.flags),
+            so_far,
         )
-        tf.summary.scalar("nonfinite_steps", self.skipped, step=last)
+        tf.summary.scalar("nonfinite_steps", so_far, step=call.last)
 
     def save(self) -> None:
         if self.checkpoints is not None:
@@ -435,6 +492,24 @@ def _train_summaries(config: TrainConfig) -> tuple[str, ...]:
     if config.model_dir:
         return ("loss", "learning_rate", "global_gradient_norm")
     return ("loss", "learning_rate")
+
+
+def _calls_between_reads(config: TrainConfig, steps_per_epoch: int) -> int:
+    """At most how many calls `train_epoch` makes between two non-finite checks."""
+    points = (config.log_every, config.checkpoint_every_steps, steps_per_epoch)
+    return max(1, min(p for p in points if p))
+
+
+@tf.function
+def _as_loop(metrics: dict) -> dict:
+    """One step's metrics in the form of `TrainStep.run`'s, on the device."""
+    bad = nonfinite.is_nonfinite(metrics)
+    return {
+        **metrics,
+        "top1_sum": (1.0 - bad) * metrics["top1"],
+        "nonfinite_steps": bad,
+        "nonfinite_first": tf.cast(bad, tf.int32),
+    }
 
 
 def _loops(
@@ -475,6 +550,64 @@ def _dtype_policy(name: str):
 def _scopes(value: str | None) -> list[str]:
     """A comma-separated flag value as a list (slim's scope flags)."""
     return [scope.strip() for scope in (value or "").split(",") if scope.strip()]
+
+
+def _file_shard(
+    config: TrainConfig, strategy: tf.distribute.Strategy
+) -> tuple[int, int] | None:
+    """`(index, count)` of this worker if it reads only its own training files, or None.
+
+    With many workers, every worker reading every global batch (and keeping
+    its replicas' share) reads the whole split per worker. With at least one
+    training file per worker, worker i reads files `i, i + n, ...` of
+    `data.files` instead (file sharding, done on the file list so that the
+    plain iterator stays checkpointable). Otherwise one line says why not.
+    """
+    index, count = distribute.input_worker(strategy)
+    if count == 1:
+        return None
+    files = data.files(config.dataset, data_dir=config.data_dir, split="train")
+    if len(files) >= count:
+        return index, count
+    why = (
+        f"{len(files)} file(s) for {count} workers (file sharding needs one each)"
+        if files
+        else "it is generated, not read from files"
+    )
+    logging.info(
+        "Every worker reads all of `--dataset`=%s's train split and keeps its "
+        "share of each batch: %s",
+        config.dataset,
+        why,
+    )
+    return None
+
+
+def _sharded_batches(
+    config: TrainConfig, strategy: tf.distribute.Strategy, shard: tuple[int, int]
+) -> int:
+    """Steps of an epoch when each worker reads its own files (see `_file_shard`).
+
+    All workers must take the same number of steps (the others would wait
+    for a worker that stopped, forever), though their files may hold
+    different numbers of examples. So an epoch is what it is without file
+    sharding, the global number of examples over the global batch, and each
+    worker's stream repeats: a worker whose files hold fewer examples starts
+    its next pass earlier (its examples are seen slightly more often).
+    Workers count their own examples (without decoding) and exchange the
+    counts; one whose files hold less than its batch is refused.
+    """
+    own = data.count_examples(
+        config.dataset, data_dir=config.data_dir, split="train", shard=shard
+    )
+    examples = distribute.worker_values(strategy, own)
+    checks.check_worker_files(config.batch_size, examples)
+    logging.info(
+        "Each of %d workers reads only its own training files; their examples: %s",
+        len(examples),
+        examples,
+    )
+    return sum(examples) // config.batch_size
 
 
 def _count(dataset: tf.data.Dataset) -> int:

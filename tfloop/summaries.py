@@ -9,7 +9,7 @@ writer (the caller opens `MODEL_DIR/summaries` and sets the step):
 |---------------------------------------|--------------------------------------------|
 | `train/top1`, `train/images_per_second` | at every `--log_every` step              |
 | `validation/loss`, `validation/top1`  | after BN recalibration (what is printed)   |
-| `validation/moving_loss`, `validation/moving_top1` | with the moving averages      |
+| `validation/moving_loss`, `validation/moving_top1` | moving averages, first `--bn_stale_check_batches` batches |
 | `bn_health/mean_shift`, `bn_health/log_variance_ratio` | histograms over BN layers |
 | `bn_health/worst_mean_shift`, `bn_health/worst_log_variance_ratio` | their maxima |
 | `bn_health/worst_layer`               | text: the layer with the largest mean shift |

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -49,6 +50,7 @@ def recalibrate(
     *,
     num_batches: int,
     strategy: tf.distribute.Strategy | None = None,
+    tolerance: float = 0.0,
 ) -> int:
     """Sets BN moving statistics to their population values for the current weights.
 
@@ -69,17 +71,32 @@ def recalibrate(
     pycls do the same): one pass serves all layers, where using recalibrated
     upstream statistics would take one pass per layer.
 
+    With a `tolerance`, the pass stops early once the statistics are known
+    well enough: after at least `MIN_BATCHES` batches, when for every layer
+    the root mean square over channels of the estimated relative error
+    (the standard error of the mean in units of the standard deviation, and
+    half the relative standard error of the variance: each is how far the
+    normalized output would move) is at most `tolerance`. Standard errors
+    come from the spread between batches, so they include what upstream
+    batch statistics add. The test runs on the device, in the same call:
+    stopping early costs no host round trip.
+
     Args:
       model: the model; its BN layers are taken over as by a train step.
       dataset: a `tf.data.Dataset`, or a distributed dataset of `strategy`.
-      num_batches: how many batches to use (fewer if the dataset ends).
+      num_batches: how many batches to use at most (fewer if the dataset
+        ends, or with `tolerance`, once the statistics have converged).
       strategy: the strategy the model was built under; None: the current.
+      tolerance: stop once the relative error above is at most this; 0:
+        always use `num_batches` batches.
 
     Returns:
       The number of batches used.
     """
     if num_batches < 1:
         raise ValueError(f"`num_batches` must be at least 1, got {num_batches!r}.")
+    if not tolerance >= 0:  # Also refuses NaN.
+        raise ValueError(f"`tolerance` must be at least 0, got {tolerance!r}.")
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         targets = _calibration_targets(model)
@@ -88,7 +105,11 @@ def recalibrate(
     calibration_pass = _calibration_function(model, targets, strategy)
     used, counts, means, variances = (
         t.numpy()
-        for t in calibration_pass(iter(dataset), tf.constant(num_batches, tf.int32))
+        for t in calibration_pass(
+            iter(dataset),
+            tf.constant(num_batches, tf.int32),
+            tf.constant(tolerance, tf.float64),
+        )
     )
     if used == 0:
         raise ValueError("`dataset` yielded no batches to recalibrate with.")
@@ -124,6 +145,7 @@ def _calibration_function(model, targets, strategy) -> Callable:
     model_ref = weakref.ref(model)  # The cache must not keep the model alive.
     channels = [layer.moving_mean.shape[0] for layer, _ in targets]
     layer_of_channel = np.repeat(np.arange(len(channels)), channels)
+    epsilon = np.repeat([layer.epsilon for layer, _ in targets], channels)
 
     def batch_totals(element) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         moments = _calibration_moments(model_ref(), targets, _images_of(element))
@@ -135,9 +157,10 @@ def _calibration_function(model, targets, strategy) -> Callable:
         )
 
     @tf.function
-    def calibration_pass(iterator, num_batches):
+    def calibration_pass(iterator, num_batches, tolerance):
         counts = tf.zeros([len(channels)], tf.float64)
         mean = m2 = tf.zeros([sum(channels)], tf.float64)
+        spread = _Spread.zeros(sum(channels))
         used = tf.constant(0, tf.int32)
         for _ in tf.range(num_batches):
             optional = iterator.get_next_as_optional()
@@ -147,12 +170,70 @@ def _calibration_function(model, targets, strategy) -> Callable:
             # After the fused all-reduce, every replica holds the same values.
             batch = strategy.experimental_local_results(per_replica)[0]
             counts, mean, m2 = _chan_merge((counts, mean, m2), batch, layer_of_channel)
+            spread = spread.add(batch[1], batch[2])
             used += 1
+            if tolerance > 0 and used >= MIN_BATCHES:
+                variance = m2 / tf.gather(tf.maximum(counts, 1.0), layer_of_channel)
+                error = spread.relative_error(variance + epsilon, layer_of_channel)
+                if tf.reduce_max(error) <= tolerance:
+                    break
         per_channel = tf.gather(counts, layer_of_channel)
         return used, counts, mean, tf.math.divide_no_nan(m2, per_channel)
 
     functions[key] = calibration_pass
     return calibration_pass
+
+
+# Batches a tolerance-based stop needs at least: the spread between batches
+# must be estimated before it can say the statistics have converged.
+MIN_BATCHES = 4
+
+
+class _Spread(NamedTuple):
+    """Per channel sums over batches of batch means, variances and squares."""
+
+    batches: tf.Tensor
+    means: tf.Tensor
+    squared_means: tf.Tensor
+    variances: tf.Tensor
+    squared_variances: tf.Tensor
+
+    @classmethod
+    def zeros(cls, channels: int) -> _Spread:
+        zeros = tf.zeros([channels], tf.float64)
+        return cls(tf.constant(0.0, tf.float64), zeros, zeros, zeros, zeros)
+
+    def add(self, mean: tf.Tensor, variance: tf.Tensor) -> _Spread:
+        return _Spread(
+            self.batches + 1.0,
+            self.means + mean,
+            self.squared_means + tf.square(mean),
+            self.variances + variance,
+            self.squared_variances + tf.square(variance),
+        )
+
+    def relative_error(self, variance: tf.Tensor, layer_of_channel) -> tf.Tensor:
+        """Per layer, the RMS over channels of the pooled estimates' error.
+
+        The squared standard errors of the mean (over `variance`) and of the
+        variance (over `4 variance**2`, since the normalized output moves by
+        half the variance's relative error), from the spread between batch
+        values: sample variance / number of batches.
+        """
+        n = self.batches
+
+        def squared_standard_error(total, squares):
+            return tf.maximum(squares - tf.square(total) / n, 0.0) / (n * (n - 1.0))
+
+        squared = squared_standard_error(
+            self.means, self.squared_means
+        ) / variance + squared_standard_error(
+            self.variances, self.squared_variances
+        ) / (4.0 * tf.square(variance))
+        per_layer = tf.math.unsorted_segment_mean(
+            squared, layer_of_channel, int(layer_of_channel.max()) + 1
+        )
+        return tf.sqrt(per_layer)
 
 
 def _chan_merge(totals, batch, layer_of_channel):

@@ -30,7 +30,11 @@ class PreciseBN(keras.callbacks.Callback):
     Args:
       dataset: training images as validation sees them (no augmentation),
         a `tf.data.Dataset` of `images` or `(images, labels, ...)` batches.
-      num_batches: batches per recalibration (the binary's default is 50).
+      num_batches: batches per recalibration, at most (the binary's default
+        is 50).
+      tolerance: stop a recalibration early once the statistics are known
+        to this relative standard error (`tfloop.bn.recalibrate`; the
+        binary's default is 0.02); 0: always `num_batches`.
       validation_data: the same validation data as `fit`'s, to measure (and
         print) how stale the moving averages were; None skips that.
     """
@@ -40,13 +44,17 @@ class PreciseBN(keras.callbacks.Callback):
         dataset: tf.data.Dataset,
         *,
         num_batches: int,
+        tolerance: float = 0.0,
         validation_data: tf.data.Dataset | None = None,
     ):
         super().__init__()
         if num_batches < 1:
             raise ValueError(f"`num_batches` must be at least 1, got {num_batches!r}.")
+        if not tolerance >= 0:  # Also refuses NaN.
+            raise ValueError(f"`tolerance` must be at least 0, got {tolerance!r}.")
         self._dataset = dataset
         self._num_batches = num_batches
+        self._tolerance = tolerance
         self._validation_data = validation_data
         self._moving: dict[str, float] | None = None
 
@@ -62,6 +70,7 @@ class PreciseBN(keras.callbacks.Callback):
             self._dataset,
             num_batches=self._num_batches,
             strategy=self.model.distribute_strategy,
+            tolerance=self._tolerance,
         )
         logging.info(
             "recalibrated BN on %d batches in %.1f s", used, time.perf_counter() - start

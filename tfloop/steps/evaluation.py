@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import keras
 import tensorflow as tf
 
@@ -65,20 +67,50 @@ def make_eval_step(
     )
 
 
-def evaluate(eval_step: EvalStep, dataset) -> dict[str, float]:
-    """Runs `eval_step` over a (distributed) dataset; returns `loss` and `top1`."""
+def evaluate(
+    eval_step: EvalStep, dataset, *, num_batches: int | None = None
+) -> dict[str, float]:
+    """Runs `eval_step` over a (distributed) dataset; returns `loss` and `top1`.
+
+    `num_batches`: only the first that many batches (None: all).
+    """
+    totals = _totals(eval_step, itertools.islice(dataset, num_batches))
+    if totals["count"] == 0:
+        raise ValueError("`dataset` yielded no examples to evaluate.")
+    return _means(totals)
+
+
+def _totals(eval_step: EvalStep, elements) -> dict[str, float]:
+    """Sums of `loss_sum`, `correct` and `count` over `elements` (maybe none)."""
     # Summed on the device in float64: no host sync per batch, and exact
     # counts however large the validation set.
     totals = {
         key: tf.constant(0.0, tf.float64) for key in ("loss_sum", "correct", "count")
     }
-    for element in dataset:
+    for element in elements:
         for key, value in eval_step(element).items():
             totals[key] += tf.cast(value, tf.float64)
-    totals = {key: float(value) for key, value in totals.items()}
-    if totals["count"] == 0:
-        raise ValueError("`dataset` yielded no examples to evaluate.")
+    return {key: float(value) for key, value in totals.items()}
+
+
+def _means(totals: dict[str, float]) -> dict[str, float]:
     return {
         "loss": totals["loss_sum"] / totals["count"],
         "top1": totals["correct"] / totals["count"],
     }
+
+
+def _evaluate_head_and_whole(
+    eval_step: EvalStep, dataset, *, head_batches: int | None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """`evaluate` on the first `head_batches` batches and on all, in one pass.
+
+    None: the head is the whole dataset.
+    """
+    iterator = iter(dataset)
+    head = _totals(eval_step, itertools.islice(iterator, head_batches))
+    rest = _totals(eval_step, iterator)
+    if head["count"] == 0:
+        raise ValueError("`dataset` yielded no examples to evaluate.")
+    whole = {key: head[key] + rest[key] for key in head}
+    return _means(head), _means(whole)

@@ -66,9 +66,17 @@ def reduce_metrics(
 
 
 def _run_and_reduce(
-    strategy: tf.distribute.Strategy, replica_fn: Callable, element
+    strategy: tf.distribute.Strategy,
+    replica_fn: Callable,
+    element,
+    *,
+    worker_local: bool = False,
 ) -> dict[str, tf.Tensor]:
     """Runs `replica_fn` on every replica; its outputs summed (one reduction).
+
+    A plain (not distributed) `element` is split over the replicas: a global
+    batch over all of them, a `worker_local` one over this worker's
+    (`tfloop.distribute.split_batch`).
 
     The outputs travel as one stacked vector: one reduction per step however
     many there are (and `MultiWorkerMirroredStrategy` cannot reduce a dict).
@@ -93,8 +101,8 @@ def _run_and_reduce(
             "default strategy: pass `strategy=` the strategy that distributed it."
         )
     element = _split(element)
-    if not distributed:  # A global batch: each replica takes its slice.
-        element = distribute.split_batch(strategy, element)
+    if not distributed:  # Each replica takes its slice.
+        element = distribute.split_batch(strategy, element, worker_local=worker_local)
     per_replica = strategy.run(stacked, args=element)
     total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
     return dict(zip(keys, tf.unstack(total)))

@@ -43,6 +43,7 @@ class TrainStep:
         own_bn: bool = True,
         on_nonfinite: str | None = None,
         jit_compile: bool = False,
+        worker_batches: bool = False,
     ):
         _check_choice("bn_averaging", bn_averaging, averaging.AVERAGING_MODES)
         _check_choice("bn_audit", bn_audit, _AUDIT_MODES)
@@ -72,6 +73,7 @@ class TrainStep:
         self._sync_bn = sync_bn
         self._bn_audit = bn_audit
         self._gradient_transform = gradient_transform
+        self.worker_batches = worker_batches
         # XLA compiles the per-replica body; the loop of `run` reads its
         # iterator outside it (XLA has no input ops).
         self._replica_body = (
@@ -224,7 +226,14 @@ class TrainStep:
         ]
 
     def _step(self, element) -> dict[str, tf.Tensor]:
-        return _metrics(_run_and_reduce(self.strategy, self._replica_body, element))
+        return _metrics(
+            _run_and_reduce(
+                self.strategy,
+                self._replica_body,
+                element,
+                worker_local=self.worker_batches,
+            )
+        )
 
     def _trace_key(self) -> tuple:
         """What a traced step depends on besides its inputs: trainability, freezes.
@@ -272,10 +281,13 @@ class TrainStep:
         one trace.
 
         Returns:
-          The last step's `loss`, `data_loss`, `top1` (and non-finite flags),
-          `top1_sum`, the sum of `top1` over the applied steps (for the mean
-          training accuracy), and `nonfinite_steps`, how many steps were not
-          applied (`on_nonfinite`).
+          The last step's `loss`, `data_loss` and `top1`; `top1_sum`, the
+          sum of `top1` over the applied steps (for the mean training
+          accuracy); `nonfinite_steps`, how many steps were not applied
+          (`on_nonfinite`), `nonfinite_first`, the first of them (1 = this
+          call's first step; 0: none), and its non-finite flags (all 0 when
+          every step was applied). Nothing here is read on the host: a loop
+          can pass them to `tfloop.nonfinite.Tally` and go on.
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
             raise TypeError(f"`num_steps` must be an integer, got {num_steps!r}.")
@@ -289,20 +301,29 @@ class TrainStep:
     def _loop(self, iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         zero = tf.constant(0.0, tf.float32)
         keys = ["loss", "data_loss", "top1"]
-        if self.on_nonfinite is not None:
-            keys += list(nonfinite.KEYS)
+        flag_keys = list(nonfinite.KEYS) if self.on_nonfinite is not None else []
+        keys += flag_keys
         metrics = dict.fromkeys(keys, zero)
+        first_flags = dict.fromkeys(flag_keys, zero)
+        first = tf.constant(0, tf.int32)
         top1_sum = skipped = zero
-        for _ in tf.range(num_steps):
+        for index in tf.range(num_steps):
             metrics = {k: v for k, v in self._step(next(iterator)).items() if k in keys}
-            bad = tf.cast(
-                tf.add_n([metrics[k] for k in nonfinite.KEYS if k in metrics] + [zero])
-                > 0,
-                tf.float32,
-            )
+            bad = nonfinite.is_nonfinite(metrics)
+            is_first = tf.logical_and(first == 0, bad > 0)
+            first_flags = {
+                k: tf.where(is_first, metrics[k], first_flags[k]) for k in flag_keys
+            }
+            first = tf.where(is_first, index + 1, first)
             top1_sum += (1.0 - bad) * metrics["top1"]
             skipped += bad
-        return {**metrics, "top1_sum": top1_sum, "nonfinite_steps": skipped}
+        return {
+            **metrics,
+            **first_flags,
+            "top1_sum": top1_sum,
+            "nonfinite_steps": skipped,
+            "nonfinite_first": first,
+        }
 
     def _traced(self, name: str, python_fn: Callable, *args) -> Callable:
         """The `tf.function` of `python_fn`, traced for `args` if not yet.
@@ -382,6 +403,7 @@ def make_train_step(
     own_bn: bool = True,
     on_nonfinite: str | None = None,
     jit_compile: bool = False,
+    worker_batches: bool = False,
 ) -> TrainStep:
     """Builds a train step that owns the batch-norm statistics of `model`.
 
@@ -431,6 +453,13 @@ def make_train_step(
         `tfloop.nonfinite.check_step` stops or counts (`tfloop.nonfinite`).
       jit_compile: compile the per-replica step with XLA (one replica only).
         Off by default: on CPU it does not pay (`benchmarks/README.md`).
+      worker_batches: elements that are not distributed are this worker's
+        own batch (each worker reads its own files, with its share of the
+        global batch), split over this worker's replicas only; by default
+        they are the global batch, which every worker reads and which is
+        split over all replicas. Either way the loss is the mean over the
+        global batch and BN statistics are global-batch ones (one fused
+        all-reduce counts the examples of every replica).
 
     Dataset elements are `(images, labels)` or `(images, labels,
     sample_weight)`; labels may be sparse `(B,)`, `(B, 1)` or one-hot.
@@ -454,4 +483,5 @@ def make_train_step(
         own_bn=own_bn,
         on_nonfinite=on_nonfinite,
         jit_compile=jit_compile,
+        worker_batches=worker_batches,
     )
