@@ -27,7 +27,7 @@ import pytest
 import tensorflow as tf
 
 from tfloop import checkpointing
-from tfloop.errors import InputError
+from tfloop.errors import InputError, NonFiniteError
 
 STEPS = 8
 FLAGS = [
@@ -257,3 +257,29 @@ def test_each_worker_resumes_its_own_input_position_and_only_its_own(tmp_path):
         r"\(no `\S+worker-1-of-3/ckpt-2`\): resume with the workers that wrote it$",
     ):
         checkpoints(iter(numbers), (1, 3))
+
+
+def test_a_preemption_checkpoint_is_written_only_after_its_check(tmp_path):
+    """`after_step(check=)`: a check that raises leaves no checkpoint behind."""
+    model = _dense(3)
+    checkpoints = checkpointing.Checkpoints(
+        model_dir=str(tmp_path),
+        items={"model": model},
+        metadata={},
+        strategy=tf.distribute.get_strategy(),
+        chief=True,
+        guarded=[],
+    )
+
+    def stop():
+        raise NonFiniteError("step 2: non-finite loss")
+
+    checkpoints.after_step(3, check=stop)  # No SIGTERM: nothing happens.
+    # What `PreemptionCheckpointHandler` calls once SIGTERM has arrived:
+    with pytest.raises(NonFiniteError, match="step 2"):
+        checkpoints._save_preempted()
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) is None
+    checkpoints.after_step(4, check=lambda: None)
+    checkpoints._save_preempted()
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-4")
+    checkpoints.close()

@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -171,6 +171,7 @@ class Checkpoints:
             ),
         )
         self._step = 0
+        self._check: Callable[[], None] | None = None
 
     def _restore_worker(self, path: str) -> None:
         """Restores this worker's items saved with shared checkpoint `path`."""
@@ -213,12 +214,21 @@ class Checkpoints:
         self.last_saved = self.manager.save(checkpoint_number=step)
         return self.last_saved
 
-    def after_step(self, step: int) -> None:
-        """Call after every train step: saves and exits if SIGTERM arrived."""
+    def after_step(self, step: int, *, check: Callable[[], None] | None = None) -> None:
+        """Call after every train step: saves and exits if SIGTERM arrived.
+
+        `check` runs before that checkpoint is written and may raise instead:
+        a run that reads its state only now and then (the non-finite check
+        of `--on_nonfinite=stop`) must not checkpoint past a step that
+        should have stopped it.
+        """
         self._step = step
+        self._check = check
         self._handler.save_checkpoint_if_preempted()
 
     def _save_preempted(self) -> None:
+        if self._check is not None:
+            self._check()
         self.save(self._step)
 
     def _preempted(self) -> None:

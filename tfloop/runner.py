@@ -407,7 +407,7 @@ class _Run:
                     window = (last, now)
                 bar.update(last - first_step + 1, metrics)
                 if self.checkpoints is not None:
-                    self.checkpoints.after_step(last)
+                    self.checkpoints.after_step(last, check=self._check_nonfinite)
                     if every and last % every == 0 and last != last_step:
                         self.checkpoints.save(last)
         bar.close()
