@@ -3,6 +3,7 @@
 import builtins
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tfloop import plots
@@ -45,3 +46,29 @@ def test_no_matplotlib_no_picture_and_a_warning(tmp_path, monkeypatch, caplog):
     assert not plots.accuracy(_results(), str(path), title="t")
     assert not path.exists()
     assert str(path) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("moving_batches", "label"),
+    [
+        (0, "validation, moving averages"),
+        (4, "validation, moving averages (first 4 batches)"),
+    ],
+)
+def test_legend_says_which_batches_the_moving_averages_cover(
+    tmp_path, monkeypatch, moving_batches, label
+):
+    from matplotlib.axes import Axes
+
+    labels, plot = [], Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    path = tmp_path / "accuracy.png"
+    assert plots.accuracy(
+        _results(), str(path), title="t", moving_batches=moving_batches
+    )
+    assert labels == ["train", label, "validation, recalibrated"]

@@ -29,11 +29,15 @@ def pyplot(path: str) -> Any | None:
     return plt
 
 
-def accuracy(results: Sequence[Any], path: str, *, title: str) -> bool:
+def accuracy(
+    results: Sequence[Any], path: str, *, title: str, moving_batches: int = 0
+) -> bool:
     """Per-epoch train vs validation accuracy (moving averages vs recalibrated).
 
-    `results` are `tfloop.runner.Validation`s, one per validation. Returns
-    whether the picture was written.
+    `results` are `tfloop.runner.Validation`s, one per validation;
+    `moving_batches`: the validation batches their moving-average numbers
+    cover (0: all), said in the legend. Returns whether the picture was
+    written.
     """
     plt = pyplot(path)
     if plt is None:
@@ -47,7 +51,8 @@ def accuracy(results: Sequence[Any], path: str, *, title: str) -> bool:
         epochs,
         [v.moving_top1 for v in results],
         marker="s",
-        label="validation, moving averages",
+        label="validation, moving averages"
+        + (f" (first {moving_batches} batches)" if moving_batches else ""),
     )
     axes.plot(
         epochs, [v.top1 for v in results], marker="^", label="validation, recalibrated"

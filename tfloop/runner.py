@@ -288,16 +288,14 @@ class _Run:
         serve the `stale` line, which compares them with the recalibrated
         statistics on the same batches.
         """
-        batches = self.config.bn_recalibrate_batches
-        recalibrate = batches and not self.config.stock_bn and bn.layers(self.model)
-        check = (self.config.bn_stale_check_batches or None) if recalibrate else None
+        check = self._moving_batches() or None
         moving = steps.evaluate(self.eval_step, self.val_data, num_batches=check)
         if self.config.model_dir and self.chief and bn.layers(self.model):
             with self.writer.as_default(step=self.global_step):
                 summaries.bn_health(bn.staleness(self.model, self.health_batch))
         result = moving
-        if recalibrate:
-            self._recalibrate(batches)
+        if self._recalibrates():
+            self._recalibrate(self.config.bn_recalibrate_batches)
             head, result = steps.evaluation._evaluate_head_and_whole(
                 self.eval_step, self.val_data, head_batches=check
             )
@@ -318,6 +316,18 @@ class _Run:
             moving_top1=moving["top1"],
             train_top1=train_top1,
         )
+
+    def _recalibrates(self) -> bool:
+        """Whether validation recalibrates BN first."""
+        return bool(
+            self.config.bn_recalibrate_batches
+            and not self.config.stock_bn
+            and bn.layers(self.model)
+        )
+
+    def _moving_batches(self) -> int:
+        """Validation batches the moving averages are evaluated on; 0: all."""
+        return self.config.bn_stale_check_batches if self._recalibrates() else 0
 
     def _recalibrate(self, batches: int) -> None:
         start = time.perf_counter()
@@ -467,7 +477,12 @@ class _Run:
         """After the last validation: the accuracy picture and the export."""
         if self.config.model_dir and self.chief:
             path = f"{self.config.model_dir}/{plots.ACCURACY_FILE}"
-            plots.accuracy(results, path, title=self.config.model)
+            plots.accuracy(
+                results,
+                path,
+                title=self.config.model,
+                moving_batches=self._moving_batches(),
+            )
         if self.config.export_dir:
             # Every worker takes part in the save (as in checkpoints); only
             # the chief's lands in `--export_dir`.
