@@ -212,3 +212,15 @@ def test_staleness_traces_once_per_model():
         bn.staleness(model, _features(seed=seed))
     (function,) = staleness_module._FUNCTIONS[model].values()
     assert function.experimental_get_tracing_count() == 1
+
+
+def test_recalibrate_without_a_layer_to_recompute_changes_nothing():
+    dataset = tf.data.Dataset.from_tensor_slices(np.stack(np.split(_features(), 4)))
+    dense = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
+    assert bn.recalibrate(dense, dataset, num_batches=2, tolerance=0.1) == 0
+    model = mlp()
+    bn.freeze(model)
+    before = [v.numpy().copy() for v in model.weights]
+    assert bn.recalibrate(model, dataset, num_batches=2) == 0
+    for variable, value in zip(model.weights, before):
+        np.testing.assert_array_equal(variable.numpy(), value)

@@ -91,7 +91,8 @@ def recalibrate(
         always use `num_batches` batches.
 
     Returns:
-      The number of batches used.
+      The number of batches used; 0 if no layer may be recalibrated (the
+      model has no BN layer, or all are frozen), without reading `dataset`.
     """
     if num_batches < 1:
         raise ValueError(f"`num_batches` must be at least 1, got {num_batches!r}.")
@@ -100,6 +101,8 @@ def recalibrate(
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         targets = _calibration_targets(model)
+    if not targets:  # No BN layer, or all frozen: nothing to recompute.
+        return 0
     if isinstance(dataset, tf.data.Dataset):
         dataset = strategy.experimental_distribute_dataset(dataset.take(num_batches))
     calibration_pass = _calibration_function(model, targets, strategy)
